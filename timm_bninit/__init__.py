@@ -7,7 +7,11 @@ Example::
 """
 
 from . import norm as norm
+from .convert import BN_TRANSFER_POLICIES, BNTransferWarning, convert_norm, recalibrate_bn_stats
+from .factory import create_model, reapply_norm_init
 from .norm import *  # noqa: F403
+from .optim import param_group_fn, param_groups
+from .pretrained import LoadReport, PretrainedLoadError, load_pretrained, load_state_dict_file
 from .registry import (
     UnknownNormLayerError,
     _register_builtin,
@@ -16,17 +20,36 @@ from .registry import (
     list_norm_layers,
     register_norm_layer,
 )
+from .sync import SyncBatchNormGamma, SyncBatchNormGammaAct, VariantSyncError, convert_sync_batchnorm
+from .sync import install_sync_guards as _install_sync_guards
 
 _register_builtin()
-del _register_builtin
+_install_sync_guards()
+del _register_builtin, _install_sync_guards
 
 __version__ = "0.1.0"
 
 __all__ = [
     *norm.__all__,
+    "BNTransferWarning",
+    "BN_TRANSFER_POLICIES",
+    "LoadReport",
+    "PretrainedLoadError",
+    "SyncBatchNormGamma",
+    "SyncBatchNormGammaAct",
     "UnknownNormLayerError",
+    "VariantSyncError",
+    "convert_norm",
+    "convert_sync_batchnorm",
+    "create_model",
     "get_norm_act_layer",
     "get_norm_layer",
     "list_norm_layers",
+    "load_pretrained",
+    "load_state_dict_file",
+    "param_group_fn",
+    "param_groups",
+    "reapply_norm_init",
+    "recalibrate_bn_stats",
     "register_norm_layer",
 ]

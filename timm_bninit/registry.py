@@ -34,6 +34,8 @@ __all__ = [
     "list_norm_layers",
     "get_norm_layer",
     "get_norm_act_layer",
+    "resolve_norm_layer",
+    "fused_twin",
     "timm_key",
 ]
 
@@ -111,7 +113,7 @@ def _base_type(layer: LayerFactory) -> Any:
     return layer.func if isinstance(layer, functools.partial) else layer
 
 
-def _fused_twin(layer: LayerFactory) -> LayerFactory | None:
+def fused_twin(layer: LayerFactory) -> LayerFactory | None:
     """The norm+act layer matching ``layer`` (same kwargs), for timm-bninit's own variants."""
     twin = VARIANT_TYPES.get(_base_type(layer))
     if twin is None:
@@ -137,7 +139,7 @@ def register_norm_layer(name: str, layer: LayerFactory, norm_act_layer: LayerFac
     _check_timm_registries()
     _install_explaining_maps()
     key = timm_key(name)
-    norm_act_layer = norm_act_layer if norm_act_layer is not None else _fused_twin(layer)
+    norm_act_layer = norm_act_layer if norm_act_layer is not None else fused_twin(layer)
     clash = [n for n in _REGISTRY if timm_key(n) == key and n != name]
     if name in _REGISTRY or clash or key in _timm_norm._NORM_MAP:
         previous = name if name in _REGISTRY else (clash[0] if clash else key)
@@ -163,7 +165,8 @@ def list_norm_layers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _resolve(name: str) -> tuple[LayerFactory, LayerFactory | None]:
+def resolve_norm_layer(name: str) -> tuple[LayerFactory, LayerFactory | None]:
+    """The (norm layer, fused norm+act layer or None) registered under ``name``, matched as timm matches names."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     by_key = {timm_key(n): n for n in _REGISTRY}
@@ -176,12 +179,12 @@ def _resolve(name: str) -> tuple[LayerFactory, LayerFactory | None]:
 
 def get_norm_layer(name: str) -> LayerFactory:
     """The layer factory registered under ``name`` (timm-bninit variants only)."""
-    return _resolve(name)[0]
+    return resolve_norm_layer(name)[0]
 
 
 def get_norm_act_layer(name: str) -> LayerFactory:
     """The fused norm+act factory registered under ``name``."""
-    norm_act = _resolve(name)[1]
+    norm_act = resolve_norm_layer(name)[1]
     if norm_act is None:
         raise UnknownNormLayerError(f"norm layer {name!r} has no fused norm+act twin registered")
     return norm_act
