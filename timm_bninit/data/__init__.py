@@ -1,0 +1,33 @@
+"""Data layer: CUB-200-2011, Stanford Cars, any imagefolder tree and an offline digits demo set, as ``datasets``.
+
+One entry point, :func:`load_image_dataset`, returns ``train`` / ``validation`` / ``test`` splits (official
+train/test kept, validation a stratified fraction of train with a fixed split seed) and an :class:`ImageDatasetInfo`;
+:func:`with_transforms` attaches the train / eval transforms lazily for a ``torch.utils.data.DataLoader``.
+
+Example::
+
+    from timm.data import create_transform
+    from timm_bninit.data import load_image_dataset, with_transforms
+
+    data, info = load_image_dataset("cub", data_dir="/data")   # /data/CUB_200_2011/..., or omit for the hub copy
+    data = with_transforms(data, create_transform(224, is_training=True), create_transform(224))
+
+``datasets``, scikit-learn and scipy are imported where they are used, so importing this package stays cheap.
+"""
+
+from .errors import DatasetError, SkippedFile
+from .loading import DATASET_NAMES, ImageDatasetInfo, load_image_dataset, resolve_source
+from .splits import add_validation_split
+from .transforms import ImageTransform, with_transforms
+
+__all__ = [
+    "DATASET_NAMES",
+    "DatasetError",
+    "ImageDatasetInfo",
+    "ImageTransform",
+    "SkippedFile",
+    "add_validation_split",
+    "load_image_dataset",
+    "resolve_source",
+    "with_transforms",
+]

@@ -1,0 +1,197 @@
+"""The data layer's entry point: a name or folder in; ``train`` / ``validation`` / ``test`` and their info out."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .archives import BBOX_FORMAT, CUB_DIR
+from .cache import default_cache_dir
+from .errors import DatasetError, SkippedFile
+from .hub import HUB_REPOS, load_hub_dataset
+from .local import load_digits_dataset, load_local_dataset
+from .splits import add_validation_split
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+__all__ = ["DATASET_NAMES", "ImageDatasetInfo", "resolve_source", "load_image_dataset"]
+
+DATASET_NAMES = ("cub", "cars", "digits", "imagefolder")
+_ALIASES = {
+    "cub200": "cub",
+    "cub-200-2011": "cub",
+    "cub_200_2011": "cub",
+    "stanford_cars": "cars",
+    "stanford-cars": "cars",
+    "stanfordcars": "cars",
+}
+
+
+@dataclass
+class ImageDatasetInfo:
+    """What was loaded and how; ``to_dict()`` is what a run directory records.
+
+    Attributes:
+        name: Source kind: ``'cub'``, ``'cars'``, ``'digits'`` or ``'imagefolder'``.
+        origin: ``'hub'`` (Hugging Face hub copy), ``'local'`` (a folder) or ``'builtin'`` (digits).
+        source: Hub repository id, resolved local folder, or ``'sklearn.datasets.load_digits'``.
+        class_names: Class names in label order.
+        split_sizes: Rows per split.
+        val_fraction: Fraction of train drawn as validation (None when the source ships its own validation split).
+        split_seed: Seed of the validation draw (None when the source ships its own validation split).
+        has_bbox: Whether rows carry a ``bbox`` column.
+        bbox_format: ``'xyxy'`` (``[x_min, y_min, x_max, y_max]`` in pixels) when ``has_bbox``.
+        skipped: Images left out because ``skip_corrupt=True`` was passed, with the reason for each.
+        cache_path: The cache entry the local splits are memory-mapped from (None for hub copies).
+        from_cache: Whether that entry already existed (False: it was built by this call).
+    """
+
+    name: str
+    origin: str
+    source: str
+    class_names: list[str]
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    val_fraction: float | None = None
+    split_seed: int | None = None
+    has_bbox: bool = False
+    bbox_format: str | None = None
+    skipped: list[SkippedFile] = field(default_factory=list)
+    cache_path: str | None = None
+    from_cache: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable record, including ``num_classes`` and ``num_skipped``."""
+        return {
+            "name": self.name,
+            "origin": self.origin,
+            "source": self.source,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "split_sizes": dict(self.split_sizes),
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "has_bbox": self.has_bbox,
+            "bbox_format": self.bbox_format,
+            "num_skipped": self.num_skipped,
+            "skipped": [file.to_dict() for file in self.skipped],
+            "cache_path": self.cache_path,
+            "from_cache": self.from_cache,
+        }
+
+
+def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> tuple[str, Path | None]:
+    """``(kind, local folder or None)`` for a data-set name or a folder.
+
+    A known name (``cub``, ``cars``, ``digits``, ``imagefolder``, or an alias such as ``cub200``) selects the kind; its
+    folder is ``data_dir`` (None: the hub copy for ``cub``/``cars``). Anything else must be an existing folder, whose
+    layout picks the kind: ``CUB_200_2011/`` or ``images.txt`` -> ``cub``; ``devkit/cars_meta.mat`` -> ``cars``;
+    otherwise ``imagefolder``.
+    """
+    key = str(name_or_path).strip().lower()
+    kind = _ALIASES.get(key, key)
+    if kind in DATASET_NAMES:
+        if kind == "imagefolder" and data_dir is None:
+            raise DatasetError("'imagefolder' needs data_dir=<folder with train/<class>/... and test/<class>/...>")
+        if kind == "digits" and data_dir is not None:
+            raise DatasetError(f"'digits' is bundled with scikit-learn and takes no data_dir (got {str(data_dir)!r})")
+        return kind, None if data_dir is None else Path(data_dir).expanduser()
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        close = difflib.get_close_matches(key, [*DATASET_NAMES, *_ALIASES], n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise DatasetError(
+            f"unknown data set {str(name_or_path)!r} (and no such folder){hint}; known: {', '.join(DATASET_NAMES)}, "
+            "or the path of a local folder (official CUB/Cars archive or an imagefolder tree)"
+        )
+    if data_dir is not None and Path(data_dir).expanduser().resolve() != path.resolve():
+        raise DatasetError(
+            f"got both the folder {str(name_or_path)!r} and data_dir={str(data_dir)!r}; pass a data-set name with "
+            "data_dir, or just the folder"
+        )
+    if (path / CUB_DIR).is_dir() or (path / "images.txt").is_file():
+        return "cub", path
+    if (path / "devkit" / "cars_meta.mat").is_file() or (path / "stanford_cars" / "devkit").is_dir():
+        return "cars", path
+    return "imagefolder", path
+
+
+def load_image_dataset(
+    name_or_path: str | Path,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    skip_corrupt: bool = False,
+) -> tuple[DatasetDict, ImageDatasetInfo]:
+    """Load an image-classification data set as ``train`` / ``validation`` / ``test`` splits.
+
+    The official train/test split is kept; validation is a stratified ``val_fraction`` of train drawn with
+    ``split_seed`` (see :mod:`timm_bninit.data.splits`). Local sources are parsed, every image is decoded once, and
+    the result is cached under ``cache_dir``, so later loads memory-map it and take seconds.
+
+    Example::
+
+        data, info = load_image_dataset("cub", data_dir="/data")        # /data/CUB_200_2011/...
+        data, info = load_image_dataset("digits")                       # offline demo set
+        print(info.num_classes, info.split_sizes, info.skipped)
+
+    Args:
+        name_or_path: ``'cub'``, ``'cars'``, ``'digits'``, ``'imagefolder'``, or a local folder (layout detected).
+        data_dir: Local folder for ``cub``/``cars`` (official archive layout; the hub copy is used when absent) or
+            ``imagefolder``.
+        cache_dir: Cache for built local data sets and hub downloads; default ``$TIMM_BNINIT_DATA_CACHE`` or
+            ``~/.cache/timm_bninit/datasets``.
+        val_fraction: Fraction of the training images drawn, per class, as the validation split (0: none).
+        split_seed: Seed of that draw, independent of any run seed and of global random state.
+        skip_corrupt: Leave out missing or undecodable images instead of failing; they are listed in
+            ``info.skipped``.
+
+    Returns:
+        ``(DatasetDict, ImageDatasetInfo)``. Columns: ``image`` (``datasets.Image``), ``label``
+        (``datasets.ClassLabel``), ``bbox`` for CUB and Cars, and ``file`` (path within the source) for local sources.
+
+    Raises:
+        DatasetError: the source is missing, malformed, has bad labels, empty classes or unreadable images, or the
+            hub is unreachable; the message names the file and what to do.
+    """
+    kind, folder = resolve_source(name_or_path, data_dir)
+    cache_root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+
+    if folder is None and kind in HUB_REPOS:
+        official = load_hub_dataset(kind, cache_root / "hub" if cache_dir is not None else None)
+        info = ImageDatasetInfo(kind, "hub", HUB_REPOS[kind], list(official["train"].features["label"].names))
+    else:
+        if kind == "digits":
+            loaded = load_digits_dataset(cache_root)
+        else:
+            loaded = load_local_dataset(kind, folder, cache_root, skip_corrupt=skip_corrupt)
+        official = loaded.dataset
+        info = ImageDatasetInfo(
+            kind,
+            "builtin" if kind == "digits" else "local",
+            loaded.source,
+            loaded.class_names,
+            skipped=loaded.skipped,
+            cache_path=str(loaded.cache_path),
+            from_cache=loaded.from_cache,
+        )
+
+    dataset = add_validation_split(official, val_fraction=val_fraction, split_seed=split_seed)
+    if "validation" not in official:
+        info.val_fraction, info.split_seed = val_fraction, split_seed
+    info.split_sizes = {name: len(split) for name, split in dataset.items()}
+    info.has_bbox = "bbox" in dataset["train"].column_names
+    info.bbox_format = BBOX_FORMAT if info.has_bbox else None
+    return dataset, info
