@@ -1,0 +1,188 @@
+"""Tiny fake copies of the official CUB-200-2011 and Stanford Cars archives, and of an imagefolder tree.
+
+Each image is a 16x16 solid colour that encodes its class (red channel) and its index (green channel), so a test can
+decode any row and check that image and label still belong together. JPEG keeps a flat colour within a few levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 16
+
+
+def colour(label: int, index: int) -> tuple[int, int, int]:
+    return (40 + 60 * label, 8 * index % 256, 128)
+
+
+def label_of(image: Image.Image) -> int:
+    """The class a fake image was drawn for, read back from its red channel."""
+    red = np.asarray(image.convert("RGB"))[..., 0].mean()
+    return round((red - 40) / 60)
+
+
+def write_image(path: Path, label: int, index: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour(label, index))
+    image.convert(mode).save(path, quality=95) if path.suffix == ".jpg" else image.convert(mode).save(path)
+
+
+def corrupt_image(path: Path, how: str = "garbage") -> None:
+    """Damage an image file: ``'garbage'`` (not an image), ``'truncated'`` (half its bytes) or ``'empty'``."""
+    data = path.read_bytes()
+    if how == "garbage":
+        path.write_bytes(b"this is not a JPEG file" * 4)
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        raise ValueError(how)
+
+
+@dataclass
+class FakeArchive:
+    """Where a fake archive lives and what it should load as.
+
+    Attributes:
+        data_dir: The folder to pass as ``data_dir``.
+        root: The folder the ``file`` column is relative to.
+        class_names: Class names in label order.
+        train: ``file -> label`` of the official train split.
+        test: ``file -> label`` of the official test split.
+        bboxes: ``file -> [x_min, y_min, x_max, y_max]`` (empty for an imagefolder tree).
+    """
+
+    data_dir: Path
+    root: Path
+    class_names: list[str]
+    train: dict[str, int] = field(default_factory=dict)
+    test: dict[str, int] = field(default_factory=dict)
+    bboxes: dict[str, list[float]] = field(default_factory=dict)
+
+
+CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+
+
+def make_cub_archive(
+    base: Path, class_names: tuple[str, ...] = CUB_CLASSES, num_train: int = 10, num_test: int = 3
+) -> FakeArchive:
+    """``base/CUB_200_2011/`` with the five index files and ``images/<class>/<file>.jpg``.
+
+    As in the real ``images.txt``, ids run class by class and train and test images alternate within a class.
+    """
+    root = base / "CUB_200_2011"
+    archive = FakeArchive(base, root, list(class_names))
+    images, labels, split, boxes = [], [], [], []
+    total = num_train + num_test
+    test_positions = set(range(1, total, max(1, total // max(num_test, 1)))[:num_test])  # spread over the class
+    image_id = 0
+    for label, name in enumerate(class_names):
+        for index in range(total):
+            image_id += 1
+            is_train = index not in test_positions
+            relative = f"{name}/{name.split('.', 1)[1]}_{image_id:04d}.jpg"
+            write_image(root / "images" / relative, label, image_id)
+            x, y, w, h = float(index % 4), 2.0, 10.0, 11.0 + index % 3
+            images.append(f"{image_id} {relative}")
+            labels.append(f"{image_id} {label + 1}")
+            split.append(f"{image_id} {int(is_train)}")
+            boxes.append(f"{image_id} {x} {y} {w} {h}")
+            (archive.train if is_train else archive.test)[f"images/{relative}"] = label
+            archive.bboxes[f"images/{relative}"] = [x, y, x + w, y + h]
+    _write_lines(root / "images.txt", images)
+    _write_lines(root / "image_class_labels.txt", labels)
+    _write_lines(root / "train_test_split.txt", split)
+    _write_lines(root / "bounding_boxes.txt", boxes)
+    _write_lines(root / "classes.txt", [f"{i + 1} {name}" for i, name in enumerate(class_names)])
+    return archive
+
+
+CARS_CLASSES = ("AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012")
+
+
+def make_cars_archive(
+    base: Path,
+    class_names: tuple[str, ...] = CARS_CLASSES,
+    num_train: int = 10,
+    num_test: int = 3,
+    test_annos_in_devkit: bool = False,
+) -> FakeArchive:
+    """``base/`` with ``cars_train/``, ``cars_test/``, ``devkit/{cars_meta,cars_train_annos}.mat`` and
+    ``cars_test_annos_withlabels.mat`` (beside ``devkit/``, or inside it), as MATLAB struct arrays like the devkit's.
+    """
+    archive = FakeArchive(base, base.resolve(), list(class_names))
+    for split, count, target in (("train", num_train, archive.train), ("test", num_test, archive.test)):
+        rows = []
+        number = 0
+        for label in range(len(class_names)):
+            for _ in range(count):
+                number += 1
+                fname = f"{number:05d}.jpg"
+                write_image(base / f"cars_{split}" / fname, label, number)
+                box = (1 + number % 3, 2, 12, 13 + number % 2)
+                rows.append((*box, label + 1, fname))
+                target[f"cars_{split}/{fname}"] = label
+                archive.bboxes[f"cars_{split}/{fname}"] = [float(v) for v in box]
+        annos = "devkit/cars_train_annos.mat" if split == "train" else (
+            "devkit/cars_test_annos_withlabels.mat" if test_annos_in_devkit else "cars_test_annos_withlabels.mat")
+        write_cars_annotations(base / annos, rows)
+    write_cars_meta(base / "devkit" / "cars_meta.mat", class_names)
+    return archive
+
+
+CARS_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
+
+
+def write_cars_annotations(path: Path, rows: list[tuple], fields: tuple[str, ...] = CARS_FIELDS) -> None:
+    """Save ``annotations`` as a 1xN MATLAB struct array; each row holds one value per field, in order."""
+    from scipy.io import savemat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = np.zeros((1, len(rows)), dtype=[(name, "O") for name in fields])
+    for i, row in enumerate(rows):
+        # the devkit stores numbers as 1x1 uint8/uint16 matrices and the file name as a char array
+        table[0, i] = tuple(value if isinstance(value, str) else np.array([[value]], dtype=np.uint16) for value in row)
+    savemat(path, {"annotations": table})
+
+
+def write_cars_meta(path: Path, class_names: tuple[str, ...]) -> None:
+    from scipy.io import savemat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells = np.empty((1, len(class_names)), dtype=object)
+    for i, name in enumerate(class_names):
+        cells[0, i] = name
+    savemat(path, {"class_names": cells})
+
+
+def make_imagefolder(
+    base: Path,
+    class_names: tuple[str, ...] = ("cat", "dog", "fox"),
+    counts: dict[str, int] | None = None,
+) -> FakeArchive:
+    """``base/<split>/<class>/<n>.png`` for each split in ``counts`` (default: 10 train, 3 test per class)."""
+    counts = counts or {"train": 10, "test": 3}
+    archive = FakeArchive(base, base.resolve(), sorted(class_names))
+    number = 0
+    for split, count in counts.items():
+        for name in class_names:
+            label = archive.class_names.index(name)
+            for _ in range(count):
+                number += 1
+                relative = f"{split}/{name}/{number:03d}.png"
+                write_image(base / relative, label, number)
+                if split == "train":
+                    archive.train[relative] = label
+                elif split == "test":
+                    archive.test[relative] = label
+    return archive
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
