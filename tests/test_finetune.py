@@ -1,0 +1,240 @@
+"""The fine-tuning pipeline: recipes, run directory, seed pairing, resume after a kill, errors before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from fake_datasets import make_imagefolder
+from timm.data import create_transform
+
+import timm_bninit as tb
+from timm_bninit.cli import finetune_main
+from timm_bninit.data import DatasetError, load_image_dataset
+from timm_bninit.finetune import (
+    EpochShuffleSampler,
+    RunError,
+    SeededImageDataset,
+    build_model,
+    run_finetune,
+    seed_for,
+)
+from timm_bninit.recipe import DEFAULTS, RecipeError, apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    make_imagefolder(base / "folder", counts={"train": 12, "test": 4})
+    return base
+
+
+def tiny_config(data_root: Path, cache: Path, **changes):
+    config = load_recipe("demo")
+    config.update(dataset="imagefolder", data_dir=str(data_root / "folder"), model="test_resnet", img_size=16,
+                  epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
+    config.update(changes)
+    return config
+
+
+def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
+    config = load_recipe("demo")
+    assert config["recipe"] == "demo" and config["dataset"] == "digits"
+    config = apply_overrides(config, ["lr=1e-3", "norm_layer=rbn", "epochs=3", "gamma_lr_div=50", "ema=true"])
+    assert config["lr"] == 0.001 and isinstance(config["lr"], float)
+    assert config["norm_layer"] == "rbn" and config["epochs"] == 3 and config["gamma_lr_div"] == 50
+    assert config["ema"] is True
+    with pytest.raises(RecipeError, match="unknown recipe key 'weight_decy'. Did you mean weight_decay"):
+        apply_overrides(config, ["weight_decy=0.1"])
+    with pytest.raises(RecipeError, match="Valid keys: .*augmentation.*weight_decay"):
+        apply_overrides(config, ["nope=1"])
+    with pytest.raises(RecipeError, match="expects a int"):
+        apply_overrides(config, ["epochs=many"])
+    with pytest.raises(RecipeError, match="not of the form key=value"):
+        apply_overrides(config, ["lr"])
+    with pytest.raises(RecipeError, match="unknown recipe 'cubb'.*available: .*cub"):
+        load_recipe("cubb")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nbatchsize: 3\n")
+    with pytest.raises(RecipeError, match="unknown recipe key 'batchsize'. Did you mean batch_size"):
+        load_recipe(bad)
+
+
+def test_every_shipped_recipe_loads_with_known_keys():
+    names = tb.recipe.list_recipes() if hasattr(tb, "recipe") else []
+    from timm_bninit.recipe import list_recipes
+
+    names = list_recipes()
+    assert {"demo", "cub", "cars", "cub_scratch", "cars_scratch", "cifar10", "cifar100"} <= set(names)
+    for name in names:
+        config = load_recipe(name)
+        assert set(config) == set(DEFAULTS) | {"recipe"}
+        assert timm.is_model(config["model"]), name
+
+
+def test_seed_streams_are_independent_and_stable():
+    assert seed_for(1, "augment", 0, 5) == seed_for(1, "augment", 0, 5)
+    assert len({seed_for(1, "augment", 0, 5), seed_for(1, "augment", 1, 5), seed_for(2, "augment", 0, 5),
+                seed_for(1, "data-order", 0, 5)}) == 4
+    orders = [list(EpochShuffleSampler(20, seed=3)) for _ in range(2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))
+    sampler = EpochShuffleSampler(20, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) != orders[0]
+
+
+def test_paired_runs_share_init_order_and_augmentation(tiny_data, tmp_path):
+    base = tiny_config(tiny_data, tmp_path, norm_layer=None, seed=4)
+    models = {name: build_model({**base, "norm_layer": name}, 3) for name in (None, "bn_uniform", "rbn")}
+    reference = models[None].state_dict()
+    norm_modules = {name for name, m in models[None].named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    shared = [k for k in reference if k.rpartition(".")[0] not in norm_modules]
+    assert len(shared) > 10 and "fc.weight" in shared
+    for name, model in models.items():
+        state = model.state_dict()
+        assert all(torch.equal(state[k], reference[k]) for k in shared), name
+    other_seed = build_model({**base, "seed": 5}, 3).state_dict()
+    assert not torch.equal(other_seed["fc.weight"], reference["fc.weight"])
+
+    data, _ = load_image_dataset("imagefolder", data_dir=tiny_data / "folder", cache_dir=tmp_path / "cache")
+    augment = create_transform(16, is_training=True)
+    first = SeededImageDataset(data["train"], augment, seed=4)
+    second = SeededImageDataset(data["train"], augment, seed=4)
+    torch.manual_seed(123)  # global state must not matter
+    a = first[3][0]
+    torch.rand(1000)
+    b = second[3][0]
+    assert torch.equal(a, b)
+    second.epoch = 1
+    assert not torch.equal(a, second[3][0])  # a new draw each epoch
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_holds_everything(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma01")
+    run_dir = tmp_path / "run"
+    final = run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["norm_layer"] == "bn_gamma01"
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for record in metrics:
+        assert record["lr_gamma"] == pytest.approx(record["lr"] / 100, rel=1e-12)
+        assert record["images_per_s"] > 0 and record["train_loss"] > 0
+    best = max(metrics, key=lambda m: (m["val_acc"], -m["epoch"]))
+    assert final["best_epoch"] == best["epoch"] and final["test_acc_at_best_val"] == best["test_acc"]
+    assert final["test_acc_last"] == metrics[-1]["test_acc"] and final["selection"] == "validation"
+    assert final["environment"]["torch"] == torch.__version__
+    assert json.loads((run_dir / "final.json").read_text()) == final
+    gammas = json.loads((run_dir / "final_gammas.json").read_text())
+    model = build_model(config, 3)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert len(gammas) == n_bn
+    from safetensors.torch import load_file
+
+    assert "fc.weight" in load_file(run_dir / "best_model.safetensors") or any(
+        k.endswith("weight") for k in load_file(run_dir / "best_model.safetensors"))
+    assert not (run_dir / "checkpoint").exists()  # a finished run keeps its best model, not its resume state
+
+
+def test_finished_run_is_never_overwritten(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    final = run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+    stamp = (run_dir / "final.json").stat().st_mtime_ns
+    with pytest.raises(RunError, match="finished run .* never overwritten"):
+        run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+    assert run_finetune(config, run_dir, resume=True, quiet=True, data_cache_dir=tmp_path / "cache") == final
+    assert (run_dir / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_errors_come_before_any_training(tiny_data, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    assert finetune_main(["--recipe", "demo", "--set", "model=resnet5O", "--run-dir", str(tmp_path / "a"),
+                          "--data-cache-dir", cache]) == 2
+    assert "unknown timm model 'resnet5O'. Did you mean resnet50" in capsys.readouterr().err
+    assert finetune_main(["--recipe", "demo", "--set", "dataset=cub", "--data-dir", str(tmp_path / "nowhere"),
+                          "--run-dir", str(tmp_path / "b"), "--data-cache-dir", cache]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert finetune_main(["--recipe", "demo", "--set", "pretrained_file=/no/such.safetensors",
+                          "--run-dir", str(tmp_path / "c")]) == 2
+    assert "pretrained_file '/no/such.safetensors' does not exist" in capsys.readouterr().err
+    assert finetune_main(["--recipe", "demo", "--set", "norm_layer=bn_gama01", "--run-dir", str(tmp_path / "d")]) == 2
+    assert "Did you mean 'bn_gamma01'" in capsys.readouterr().err
+    assert finetune_main(["--recipe", "nope"]) == 2
+    assert not any((tmp_path / d).exists() for d in "abcd")
+    with pytest.raises(DatasetError):
+        run_finetune(tiny_config(tiny_data, tmp_path, data_dir=str(tmp_path / "missing")), tmp_path / "e",
+                     quiet=True, data_cache_dir=tmp_path / "cache")
+
+
+def test_pretrained_file_and_transfer_policy_in_a_run(tiny_data, tmp_path):
+    source = timm.create_model("test_resnet", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma01", bn_transfer="reset", epochs=1,
+                         pretrained_file=str(tmp_path / "weights.pth"))
+    with pytest.warns(tb.BNTransferWarning):
+        run_finetune(config, tmp_path / "run", quiet=True, data_cache_dir=tmp_path / "cache")
+    report = json.loads((tmp_path / "run" / "load_report.json").read_text())
+    assert report["bn_transfer"] == "reset" and "fc.weight" in report["initialised"]
+    assert any(key.endswith(".weight") and "reset" in why for key, why in report["initialised"].items())
+
+
+def _launch(recipe: Path, run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # output to a file: a pipe nobody reads could fill and block the run
+    with open(run_dir.parent / f"{run_dir.name}-{len(extra)}.log", "w") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--recipe", str(recipe),
+                                 "--run-dir", str(run_dir), "--data-cache-dir", str(cache), "--quiet", *extra],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _log(run_dir: Path, resumed: bool = False) -> str:
+    return (run_dir.parent / f"{run_dir.name}-{int(resumed)}.log").read_text()
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
+    make_imagefolder(tmp_path / "more", counts={"train": 30, "test": 6})
+    config = tiny_config(tmp_path.parent, tmp_path, norm_layer="rbn", epochs=6, batch_size=4,
+                         data_dir=str(tmp_path / "more"), augmentation="rrc", drop_rate=0.2)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "recipe"}))
+    cache = tmp_path / "cache"
+
+    whole = _launch(recipe, tmp_path / "whole", cache)
+    assert whole.wait(timeout=300) == 0, _log(tmp_path / "whole")
+
+    killed = _launch(recipe, tmp_path / "killed", cache)
+    state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["state"]["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
+
+    resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
+    assert resumed.wait(timeout=300) == 0, _log(tmp_path / "killed", resumed=True)
+    expected = json.loads((tmp_path / "whole" / "final.json").read_text())
+    got = json.loads((tmp_path / "killed" / "final.json").read_text())
+    for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):
+        assert got[key] == expected[key], key
+    whole_metrics = read_metrics(tmp_path / "whole")
+    resumed_metrics = read_metrics(tmp_path / "killed")
+    assert [m["epoch"] for m in resumed_metrics] == list(range(1, 7))
+    assert [m["train_loss"] for m in resumed_metrics] == [m["train_loss"] for m in whole_metrics]
+    assert json.loads((tmp_path / "killed" / "final_gammas.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "final_gammas.json").read_text())

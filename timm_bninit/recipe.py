@@ -1,0 +1,156 @@
+"""Recipes: YAML files of hyper-parameters, every key overridable from the command line, unknown keys refused."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DEFAULTS", "RecipeError", "recipe_dir", "list_recipes", "load_recipe", "apply_overrides"]
+
+# Every key a recipe may set, with its default. A recipe file sets a subset; `--set key=value` overrides any.
+DEFAULTS: dict[str, Any] = {
+    # data
+    "dataset": "digits",          # cub | cars | digits | imagefolder | cifar10 | cifar100, or a folder
+    "data_dir": None,             # local copy (official archive layout or imagefolder); None: the hub copy
+    "val_fraction": 0.1,          # stratified fraction of train held out for model selection
+    "split_seed": 0,              # seed of that split: fixed, never the run seed
+    "skip_corrupt": False,        # skip unreadable images (counted in final.json) instead of failing
+    "num_workers": 2,
+    # model
+    "model": "resnet18",
+    "pretrained": False,          # True: the model's timm hub weights; a string: a hub tag; False: from scratch
+    "pretrained_file": None,      # local weights file used instead of the hub
+    "norm_layer": None,           # None: plain BN (BASE); or a timm-bninit name such as bn_gamma01
+    "bn_transfer": "keep",        # what a pretrained γ becomes: keep | reset | scale
+    "gamma_lr_div": None,         # γ learning-rate divisor c for every BN; None: the variant's own (plain BN: 1)
+    "cifar_stem": False,          # 3×3 stride-1 stem without max-pool (the paper's CIFAR ResNets)
+    "drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+    # optimisation
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,         # conv/linear weights only
+    "sched": "cosine",            # any timm scheduler name
+    "step_on_epochs": False,      # step the schedule once per epoch (the paper) instead of every update
+    "warmup_epochs": 0,
+    "warmup_lr": 1e-5,
+    "min_lr": 0.0,
+    "epochs": 10,
+    "batch_size": 64,
+    "grad_accum_steps": 1,
+    "label_smoothing": 0.0,
+    "ema": False,                 # evaluate an exponential moving average of the weights
+    "ema_decay": 0.9998,
+    "mixed_precision": "no",      # no | fp16 | bf16
+    # images
+    "img_size": 224,
+    "augmentation": "rrc",        # rrc: timm's random-resized-crop + flip | flip: flip only | none
+    # evaluation
+    "precise_bn_batches": 0,      # re-estimate BN statistics on this many train batches before each evaluation
+    "seed": 1,
+}
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the valid choices."""
+
+
+def recipe_dir() -> Path:
+    """The ``recipes/`` folder: ``$TIMM_BNINIT_RECIPES``, else the repository's (editable install), else ./recipes."""
+    if os.environ.get("TIMM_BNINIT_RECIPES"):
+        return Path(os.environ["TIMM_BNINIT_RECIPES"])
+    repository = Path(__file__).resolve().parent.parent / "recipes"
+    return repository if repository.is_dir() else Path.cwd() / "recipes"
+
+
+def list_recipes() -> list[str]:
+    folder = recipe_dir()
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml")) if folder.is_dir() else []
+
+
+def _unknown_key(key: str) -> RecipeError:
+    close = difflib.get_close_matches(key, list(DEFAULTS), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return RecipeError(f"unknown recipe key {key!r}.{hint} Valid keys: {', '.join(sorted(DEFAULTS))}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Give a value the type of the key's default (YAML reads '1e-4' as a string, for one)."""
+    default = DEFAULTS[key]
+    if key == "pretrained" and isinstance(value, str) and value.lower() not in ("true", "false", "yes", "no"):
+        return value  # a hub tag such as resnet50.tv_in1k
+    if value is None or default is None or isinstance(value, type(default)):
+        if isinstance(value, str) and default is None:
+            return _number_or_text(value)
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise RecipeError(f"recipe key {key!r} expects a {type(default).__name__} (like {default!r}), got {value!r}")
+
+
+def _number_or_text(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The defaults updated with a recipe file, given by name (``cub``) or path; ``recipe`` records its source."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = recipe_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"unknown recipe {str(name_or_path)!r} (no file {path}); available: "
+                          f"{', '.join(list_recipes()) or '(none found)'}, or pass a path to a .yaml file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(loaded).__name__}")
+    config = dict(DEFAULTS)
+    for key, value in loaded.items():
+        if key not in DEFAULTS:
+            raise RecipeError(f"in {path}: {_unknown_key(key)}")
+        config[key] = _coerce(key, value)
+    config["recipe"] = str(path.stem if path.parent == recipe_dir() else path)
+    return config
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (values parsed as YAML, then given the key's type)."""
+    config = dict(config)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} is not of the form key=value (e.g. --set lr=0.01)")
+        if key not in DEFAULTS:
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        config[key] = _coerce(key, value)
+    return config
