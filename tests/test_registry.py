@@ -196,9 +196,6 @@ class _ThirdPartyBatchNorm(nn.BatchNorm2d):
     """A BN layer with no fused norm+act twin."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: re-registering a name with a layer that has no fused twin leaves timm's _NORM_ACT_MAP (and "
-    "_NORM_TO_NORM_ACT_MAP) pointing at the old twin: norm+act families silently keep building the old layer"))
 def test_reregistering_without_fused_twin_does_not_leave_stale_twin(restore_registries):
     with pytest.warns(UserWarning, match="overwrites"):
         register_norm_layer("rbn", _ThirdPartyBatchNorm)

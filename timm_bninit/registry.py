@@ -150,7 +150,13 @@ def register_norm_layer(name: str, layer: LayerFactory, norm_act_layer: LayerFac
     _REGISTRY[name] = (layer, norm_act_layer)
     _timm_norm._NORM_MAP[key] = layer
     _timm_norm._NORM_TYPES.add(_base_type(layer))
-    if norm_act_layer is not None:
+    if norm_act_layer is None:
+        # no fused twin: norm+act families must refuse the name rather than keep building an earlier registration
+        stale = _timm_norm_act._NORM_ACT_MAP.pop(key, None)
+        class_key = _base_type(layer).__name__.lower()
+        if stale is not None and _timm_norm_act._NORM_TO_NORM_ACT_MAP.get(class_key) is _base_type(stale):
+            del _timm_norm_act._NORM_TO_NORM_ACT_MAP[class_key]
+    else:
         _timm_norm_act._NORM_ACT_MAP[key] = norm_act_layer
         # timm passes the family's act_layer only to layers in this set; without it EfficientNet would get ReLU
         _timm_norm_act._NORM_ACT_REQUIRES_ARG.add(norm_act_layer)
