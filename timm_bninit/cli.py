@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .recipe import RecipeError, apply_overrides, list_recipes, load_recipe
 
-__all__ = ["finetune_main"]
+__all__ = ["compare_main", "finetune_main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,3 +55,78 @@ def finetune_main(argv: list[str] | None = None) -> int:
     print(f"{run_dir}: test accuracy {final['test_acc_at_best_val']:.2f}% at the best-validation epoch "
           f"{final['best_epoch']}, {final['test_acc_last']:.2f}% at the last epoch")
     return 0
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compare.py",
+        description="Multi-seed comparisons of BN variants: plan and run a grid of method × lr × seed (resumable), "
+                    "then report mean ± std and one-sided paired t-tests against the baseline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def grid(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--recipe", required=True, help="recipe name or .yaml path (as for finetune.py)")
+        sub.add_argument("--methods", required=True,
+                         help="comma-separated: base (plain BN), a norm-layer name, or either with +key=value "
+                              "overrides, e.g. base,bn_gamma01,rbn_unit,bn_gamma01+bn_transfer=reset")
+        sub.add_argument("--lr", required=True, help="learning rates, e.g. 0.1,0.01")
+        sub.add_argument("--seeds", default="1-15", help="seeds, e.g. 1-15 or 1,2,3 (default 1-15)")
+        sub.add_argument("--out", required=True, help="sweep directory; each run is <out>/<method>/lr<lr>/seed<seed>")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="recipe override for every run of the sweep (repeatable)")
+        sub.add_argument("--data-dir", help="local data folder for every run")
+
+    run = commands.add_parser("run", help="run (or resume) every unfinished run of the grid")
+    grid(run)
+    run.add_argument("--parallel", type=int, default=1, help="runs side by side on this machine (cores shared)")
+    run.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"],
+                     help="local processes, or submitit (its local executor, or Slurm job arrays)")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="submitit Slurm parameter, e.g. --slurm slurm_partition=gpu --slurm timeout_min=600")
+    run.add_argument("--retry-failed", action="store_true", help="re-run runs that failed (error.json)")
+    run.add_argument("--data-cache-dir", help="cache for built data sets")
+
+    status = commands.add_parser("status", help="show which runs of the grid are finished, failed or pending")
+    grid(status)
+
+    report = commands.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots of a sweep")
+    report.add_argument("out", help="the sweep directory")
+    report.add_argument("--metric", default="best_val", choices=["best_val", "last"],
+                        help="test accuracy at the best-validation epoch (default) or at the last epoch")
+    report.add_argument("--baseline", default="base", help="the method every other is tested against")
+    report.add_argument("--holm", action="store_true", help="Holm-correct p-values across the methods of a column")
+    report.add_argument("--report-dir", help="where to write (default <out>/report)")
+    report.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    args = _compare_parser().parse_args(argv)
+    from .compare import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
+    from .registry import UnknownNormLayerError
+    from .report import IncompleteSweepError, write_report
+
+    try:
+        if args.command == "report":
+            for path in write_report(args.out, args.report_dir, metric=args.metric, baseline=args.baseline,
+                                     use_holm=args.holm, plots=not args.no_plots):
+                print(path)
+            print((Path(args.report_dir or Path(args.out) / "report") / "report.md").read_text())
+            return 0
+        overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+        specs = plan_sweep(args.recipe, args.methods, parse_floats(args.lr), parse_seeds(args.seeds), args.out,
+                           overrides)
+        if args.command == "status":
+            for name, items in sweep_status(specs).items():
+                print(f"{name}: {len(items)}" + "".join(f"\n  {s.run_dir}" for s in items if name != "finished"))
+            return 0
+        slurm = dict(item.split("=", 1) for item in args.slurm)
+        final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
+                          executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
+    except (RecipeError, UnknownNormLayerError, IncompleteSweepError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    unfinished = len(final["failed"]) + len(final["pending"]) + len(final["interrupted"])
+    print(f"{len(final['finished'])} of {len(specs)} runs finished" +
+          (f"; {unfinished} not (see error.json files; --retry-failed re-runs failed ones)" if unfinished else ""))
+    return 1 if unfinished else 0

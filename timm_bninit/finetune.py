@@ -73,7 +73,9 @@ def rng_scope(seed: int) -> Iterator[None]:
     """Seed torch's CPU generator, ``random`` and numpy for the block, then restore their previous states."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only, as fork_rng(devices=[]) restores: torch.manual_seed would also queue a lazy CUDA
+        # seeding (recording a stack trace, ~0.5 ms per sample) and leak that seed out of the block
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
@@ -179,12 +181,20 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     kwargs = {"num_classes": num_classes, "drop_rate": config["drop_rate"]}
     if config["drop_path_rate"]:
         kwargs["drop_path_rate"] = config["drop_path_rate"]
+    if config["zero_init_last"]:
+        kwargs["zero_init_last"] = True
     with rng_scope(seed_for(config["seed"], "init")):
         reference = timm.create_model(config["model"], **kwargs)
     pretrained = False if config["pretrained_file"] else config["pretrained"]
     with rng_scope(seed_for(config["seed"], "init-method")):
         model = create_model(config["model"], config["norm_layer"], pretrained=pretrained,
                              pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
+    if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
+        # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (REFERENCE §9)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                    module.weight.fill_(1.0)
     if config["cifar_stem"]:
         reference = cifar_stem(reference, seed_for(config["seed"], "init-stem"))
         model = cifar_stem(model, seed_for(config["seed"], "init-stem"))
@@ -332,6 +342,7 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
     from timm.utils import ModelEmaV3
     from tqdm.auto import tqdm
 
+    from .analysis import CLAMP_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm
     from .convert import recalibrate_bn_stats
     from .data import load_image_dataset
     from .optim import param_group_fn
@@ -356,6 +367,9 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
                                          val_fraction=config["val_fraction"], split_seed=config["split_seed"],
                                          skip_corrupt=config["skip_corrupt"])
     model = build_model(config, data_info.num_classes)
+    initial_scale = effective_initial_scale(model)
+    if config["bn_only"]:
+        freeze_all_but_norm(model, train_classifier=config["train_classifier"])
     train_transform, eval_transform = build_transforms(config, model)
     loaders = build_loaders(config, data, train_transform, eval_transform)
 
@@ -388,7 +402,6 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
             ema.load_state_dict(torch.load(checkpoint / "ema.pt", map_location=accelerator.device))
-        _truncate_metrics(run_dir / METRICS_FILE, state["epoch"])
         if show:
             print(f"resuming {run_dir} after epoch {state['epoch']}")
     elif accelerator.is_main_process:
@@ -397,9 +410,12 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
         report = getattr(accelerator.unwrap_model(model), "bninit_load_report", None)
         if report is not None:
             _write_json(run_dir / "load_report.json", report.to_dict())
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / METRICS_FILE, state["epoch"])  # lines a kill left after the last checkpoint
     accelerator.wait_for_everyone()
 
     unwrapped = accelerator.unwrap_model(model)
+    evaluated = ema.module if ema is not None else unwrapped
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
     started = time.time()
     for epoch in range(state["epoch"], config["epochs"]):
@@ -433,7 +449,6 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
         train_loss = float(accelerator.reduce(torch.tensor(loss_sum / max(seen, 1), device=accelerator.device),
                                               "mean"))
 
-        evaluated = ema.module if ema is not None else unwrapped
         if config["precise_bn_batches"]:
             recalibrate_bn_stats(evaluated, loaders.calibration, max_batches=config["precise_bn_batches"])
         accuracy = {name: evaluate(evaluated, loader, accelerator) for name, loader in eval_loaders.items()}
@@ -456,14 +471,21 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
             print(f"epoch {epoch + 1}: loss {train_loss:.4f}  val {val_text}  "
                   f"test {accuracy['test']:.2f}  {record['images_per_s']:.1f} img/s")
 
+    # REFERENCE §5: how much of the final network's accuracy survives setting its small γ to 0
+    clamp = []
+    for threshold in CLAMP_THRESHOLDS:
+        with clamped_gammas(evaluated, threshold) as fraction:
+            clamp.append({"threshold": threshold, "fraction": fraction,
+                          "test_acc": evaluate(evaluated, eval_loaders["test"], accelerator)})
     final = {
         "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
         "best_val_acc": state["best_val"], "test_acc_last": state["last_test"], "val_acc_last": state["last_val"],
         "selection": "validation" if loaders.validation else "test",
         "epochs": config["epochs"], "seed": config["seed"], "method": {
             "norm_layer": config["norm_layer"], "bn_transfer": config["bn_transfer"],
-            "gamma_lr_div": config["gamma_lr_div"], "pretrained": bool(config["pretrained"] or
-                                                                       config["pretrained_file"])},
+            "gamma_lr_div": config["gamma_lr_div"], "bn_only": config["bn_only"],
+            "pretrained": bool(config["pretrained"] or config["pretrained_file"])},
+        "initial_effective_scale": initial_scale, "gamma_clamp": clamp,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
         "data": {k: v for k, v in data_info.to_dict().items() if k != "class_names"},

@@ -27,7 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "norm_layer": None,           # None: plain BN (BASE); or a timm-bninit name such as bn_gamma01
     "bn_transfer": "keep",        # what a pretrained γ becomes: keep | reset | scale
     "gamma_lr_div": None,         # γ learning-rate divisor c for every BN; None: the variant's own (plain BN: 1)
+    "zero_init_last": False,      # keep timm ResNets' zeroed last-BN γ (False: every BN starts at its γ0, BASE at 1)
     "cifar_stem": False,          # 3×3 stride-1 stem without max-pool (the paper's CIFAR ResNets)
+    "bn_only": False,             # train only BN γ/β (Frankle et al.); running statistics still update
+    "train_classifier": True,     # with bn_only: keep the output layer trainable
     "drop_rate": 0.0,
     "drop_path_rate": 0.0,
     # optimisation

@@ -1,0 +1,154 @@
+"""Sweeps and reports: a real small sweep, killed and resumed, reported numbers checked against scipy directly."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fake_datasets import make_imagefolder
+from scipy import stats
+
+from timm_bninit.cli import compare_main
+from timm_bninit.compare import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
+from timm_bninit.recipe import RecipeError
+from timm_bninit.registry import UnknownNormLayerError
+from timm_bninit.report import IncompleteSweepError, holm, load_sweep, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    make_imagefolder(base / "data", counts={"train": 12, "test": 4})
+    recipe = base / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "dataset": "imagefolder", "data_dir": str(base / "data"), "model": "test_resnet", "img_size": 16,
+        "epochs": 2, "batch_size": 6, "num_workers": 0, "precise_bn_batches": 2, "val_fraction": 0.25,
+        "augmentation": "rrc", "lr": 0.05}))
+    return recipe
+
+
+def test_parsers():
+    assert parse_seeds("1-3,7, 5") == [1, 2, 3, 5, 7]
+    with pytest.raises(RecipeError, match="seed range '3-1' is empty"):
+        parse_seeds("3-1")
+    with pytest.raises(RecipeError, match="cannot read seeds"):
+        parse_seeds("one")
+    methods = parse_methods("base,bn_gamma01,bn_gamma01+bn_transfer=reset")
+    assert methods == {"base": ["norm_layer=null"], "bn_gamma01": ["norm_layer=bn_gamma01"],
+                       "bn_gamma01+bn_transfer=reset": ["norm_layer=bn_gamma01", "bn_transfer=reset"]}
+    with pytest.raises(UnknownNormLayerError, match="Did you mean 'bn_gamma01'"):
+        parse_methods("base,bn_gama01")
+    with pytest.raises(RecipeError, match="listed twice"):
+        parse_methods("base,base")
+
+
+def test_plan_pairs_runs_by_seed(tiny_recipe, tmp_path):
+    specs = plan_sweep(str(tiny_recipe), "base,rbn_unit+gamma_lr_div=10", [0.1, 0.01], [1, 2], tmp_path,
+                       ["epochs=3"])
+    assert len(specs) == 2 * 2 * 2
+    by_key = {(s.method, s.lr, s.seed): s.config for s in specs}
+    for lr in (0.1, 0.01):
+        for seed in (1, 2):
+            base, other = by_key[("base", lr, seed)], by_key[("rbn_unit+gamma_lr_div=10", lr, seed)]
+            differing = {k for k in base if base[k] != other[k]}
+            assert differing == {"norm_layer", "gamma_lr_div"}  # within a seed only the method differs
+            assert base["epochs"] == 3 and base["lr"] == lr and base["seed"] == seed
+    assert Path(specs[0].run_dir) == tmp_path / "base" / "lr0.1" / "seed1"
+
+
+def test_holm_matches_hand_computation():
+    # sorted p: 0.01, 0.02, 0.04 with m = 3 -> 0.03, 0.04, max(0.04, 0.04) = 0.04
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, float("nan"), 0.01])[2] == pytest.approx(0.02)
+    assert np.isnan(holm([0.5, float("nan"), 0.01])[1])
+
+
+def _launch(args, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "compare.py"), *args], env=env,
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+
+def test_sweep_killed_resumed_and_reported(tiny_recipe, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--recipe", str(tiny_recipe), "--methods", "base,bn_gamma01", "--lr", "0.05", "--seeds", "1-3",
+            "--out", str(out), "--data-cache-dir", str(tmp_path / "cache")]
+    first = _launch(args, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.rglob("final.json"))) < 2:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    finished_before = {p: p.stat().st_mtime_ns for p in out.rglob("final.json")}
+    assert 2 <= len(finished_before) < 6, "the sweep was not killed midway"
+
+    incomplete = r"(?s)planned runs have no result.*bn_gamma01/lr0.05/seed3: not finished"
+    with pytest.raises(IncompleteSweepError, match=incomplete):
+        summarise(load_sweep(out))
+
+    second = _launch(args, tmp_path / "second.log")
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()
+    assert f"{len(finished_before)} finished" in (tmp_path / "second.log").read_text()
+    for path, stamp in finished_before.items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was re-run"
+    assert len(list(out.rglob("final.json"))) == 6
+
+    assert compare_main(["report", str(out)]) == 0
+    finals = {(m, s): json.loads((out / m / "lr0.05" / f"seed{s}" / "final.json").read_text())["test_acc_at_best_val"]
+              for m in ("base", "bn_gamma01") for s in (1, 2, 3)}
+    base = [finals[("base", s)] for s in (1, 2, 3)]
+    new = [finals[("bn_gamma01", s)] for s in (1, 2, 3)]
+    expected = stats.ttest_rel(new, base, alternative="greater")
+    with open(out / "report" / "report.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert float(rows["bn_gamma01"]["mean"]) == pytest.approx(np.mean(new), abs=1e-6)
+    assert float(rows["bn_gamma01"]["std"]) == pytest.approx(np.std(new, ddof=1), abs=1e-6)
+    assert float(rows["base"]["mean"]) == pytest.approx(np.mean(base), abs=1e-6)
+    if np.isnan(expected.pvalue):
+        assert rows["bn_gamma01"]["p"] == "nan"
+    else:
+        assert float(rows["bn_gamma01"]["p"]) == pytest.approx(expected.pvalue, rel=1e-5)
+    assert rows["base"]["p"] == "" and rows["bn_gamma01"]["n"] == "3"
+    markdown = (out / "report" / "report.md").read_text()
+    assert f"{np.mean(new):.2f} ± {np.std(new, ddof=1):.2f} (3)" in markdown
+    for name in ("accuracy_per_epoch", "gamma_by_depth", "small_gamma", "initial_scale"):
+        png = out / "report" / f"imagefolder_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "\\begin{tabular}" in (out / "report" / "report_imagefolder.tex").read_text()
+
+
+def test_failed_runs_are_recorded_and_retried_only_on_request(tiny_recipe, tmp_path):
+    specs = plan_sweep(str(tiny_recipe), "base,bn_gamma01+batch_size=1000", [0.05], [1], tmp_path / "out")
+    status = run_sweep(specs, tmp_path / "out", data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert len(status["finished"]) == 1 and len(status["failed"]) == 1
+    error_file = Path(status["failed"][0].run_dir) / "error.json"
+    error = json.loads(error_file.read_text())
+    assert "fewer than batch_size=1000" in error["error"] and error["seed"] == 1
+    stamp = error_file.stat().st_mtime_ns
+    messages = []
+    run_sweep(specs, tmp_path / "out", data_cache_dir=str(tmp_path / "cache"), log=messages.append)
+    assert error_file.stat().st_mtime_ns == stamp and "1 failed (kept" in messages[0]
+    with pytest.raises(IncompleteSweepError, match=r"(?s)failed \(.*fewer than batch_size"):
+        summarise(load_sweep(tmp_path / "out"))
+    run_sweep(specs, tmp_path / "out", retry_failed=True, data_cache_dir=str(tmp_path / "cache"),
+              log=lambda _: None)
+    assert error_file.stat().st_mtime_ns != stamp  # re-tried (and failed again)
+
+
+def test_submitit_local_executor_runs_the_same_path(tiny_recipe, tmp_path):
+    specs = plan_sweep(str(tiny_recipe), "bn_uniform", [0.05], [2], tmp_path / "out", ["epochs=1"])
+    status = run_sweep(specs, tmp_path / "out", executor="submitit-local", data_cache_dir=str(tmp_path / "cache"),
+                       log=lambda _: None)
+    assert len(status["finished"]) == 1
+    assert (tmp_path / "out" / "submitit").is_dir()
+    assert sweep_status(specs)["finished"] == status["finished"]
