@@ -238,3 +238,25 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     assert [m["train_loss"] for m in resumed_metrics] == [m["train_loss"] for m in whole_metrics]
     assert json.loads((tmp_path / "killed" / "final_gammas.json").read_text()) == \
         json.loads((tmp_path / "whole" / "final_gammas.json").read_text())
+
+
+def test_bn_only_training_changes_only_norm_parameters(tiny_data, tmp_path):
+    for train_classifier in (True, False):
+        config = tiny_config(tiny_data, tmp_path, norm_layer="bn_uniform", epochs=1, bn_only=True,
+                             train_classifier=train_classifier, precise_bn_batches=0)
+        run_dir = tmp_path / f"run{train_classifier}"
+        run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+        from safetensors.torch import load_file
+
+        trained = load_file(run_dir / "best_model.safetensors")
+        initial = build_model(config, 3)
+        norm_modules = {n for n, m in initial.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        for key, value in initial.state_dict().items():
+            owner = key.rpartition(".")[0]
+            changed = not torch.equal(trained[key], value)
+            if owner in norm_modules and key.endswith(("weight", "bias", "running_mean")):
+                assert changed, f"{key} did not train"
+            elif owner == "fc":
+                assert changed == train_classifier, key
+            elif key.endswith(("weight", "bias")):
+                assert not changed, f"{key} changed although frozen"
