@@ -1,4 +1,6 @@
-"""Data layer: CUB-200-2011, Stanford Cars, any imagefolder tree and an offline digits demo set, as ``datasets``.
+"""Data layer: CUB-200-2011, Stanford Cars, CIFAR-10/100, any imagefolder tree and an offline digits demo set.
+
+Local sources are parsed once and cached; CUB, Cars and CIFAR can also come from their Hugging Face hub copies.
 
 One entry point, :func:`load_image_dataset`, returns ``train`` / ``validation`` / ``test`` splits (official
 train/test kept, validation a stratified fraction of train with a fixed split seed) and an :class:`ImageDatasetInfo`;
@@ -9,7 +11,8 @@ Example::
     from timm.data import create_transform
     from timm_bninit.data import load_image_dataset, with_transforms
 
-    data, info = load_image_dataset("cub", data_dir="/data")   # /data/CUB_200_2011/..., or omit for the hub copy
+    data, info = load_image_dataset("cub", data_dir="/data")       # /data/CUB_200_2011/..., or omit for the hub copy
+    data, info = load_image_dataset("cifar10", data_dir="/data")   # /data/cifar-10-batches-py/...
     data = with_transforms(data, create_transform(224, is_training=True), create_transform(224))
 
 ``datasets``, scikit-learn and scipy are imported where they are used, so importing this package stays cheap.

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from .archives import BBOX_FORMAT, CUB_DIR
 from .cache import default_cache_dir
+from .cifar import CIFAR_LAYOUTS, detect_cifar_layout
 from .errors import DatasetError, SkippedFile
 from .hub import HUB_REPOS, load_hub_dataset
-from .local import load_digits_dataset, load_local_dataset
+from .local import load_cifar_dataset, load_digits_dataset, load_local_dataset
 from .splits import add_validation_split
 
 if TYPE_CHECKING:
@@ -19,8 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = ["DATASET_NAMES", "ImageDatasetInfo", "resolve_source", "load_image_dataset"]
 
-DATASET_NAMES = ("cub", "cars", "digits", "imagefolder")
+DATASET_NAMES = ("cub", "cars", "digits", "imagefolder", "cifar10", "cifar100")
 _ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar_10": "cifar10",
+    "cifar-100": "cifar100",
+    "cifar_100": "cifar100",
     "cub200": "cub",
     "cub-200-2011": "cub",
     "cub_200_2011": "cub",
@@ -35,7 +40,7 @@ class ImageDatasetInfo:
     """What was loaded and how; ``to_dict()`` is what a run directory records.
 
     Attributes:
-        name: Source kind: ``'cub'``, ``'cars'``, ``'digits'`` or ``'imagefolder'``.
+        name: Source kind: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'`` or ``'imagefolder'``.
         origin: ``'hub'`` (Hugging Face hub copy), ``'local'`` (a folder) or ``'builtin'`` (digits).
         source: Hub repository id, resolved local folder, or ``'sklearn.datasets.load_digits'``.
         class_names: Class names in label order.
@@ -93,10 +98,11 @@ class ImageDatasetInfo:
 def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> tuple[str, Path | None]:
     """``(kind, local folder or None)`` for a data-set name or a folder.
 
-    A known name (``cub``, ``cars``, ``digits``, ``imagefolder``, or an alias such as ``cub200``) selects the kind; its
-    folder is ``data_dir`` (None: the hub copy for ``cub``/``cars``). Anything else must be an existing folder, whose
-    layout picks the kind: ``CUB_200_2011/`` or ``images.txt`` -> ``cub``; ``devkit/cars_meta.mat`` -> ``cars``;
-    otherwise ``imagefolder``.
+    A known name (``cub``, ``cars``, ``cifar10``, ``cifar100``, ``digits``, ``imagefolder``, or an alias such as
+    ``cub200``) selects the kind; its folder is ``data_dir`` (None: the hub copy for ``cub``/``cars``/``cifar10``/
+    ``cifar100``). Anything else must be an existing folder, whose layout picks the kind: ``CUB_200_2011/`` or
+    ``images.txt`` -> ``cub``; ``devkit/cars_meta.mat`` -> ``cars``; ``cifar-10-batches-py/`` or ``batches.meta`` ->
+    ``cifar10``; ``cifar-100-python/`` or ``meta`` with ``train`` -> ``cifar100``; otherwise ``imagefolder``.
     """
     key = str(name_or_path).strip().lower()
     kind = _ALIASES.get(key, key)
@@ -113,7 +119,7 @@ def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None)
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise DatasetError(
             f"unknown data set {str(name_or_path)!r} (and no such folder){hint}; known: {', '.join(DATASET_NAMES)}, "
-            "or the path of a local folder (official CUB/Cars archive or an imagefolder tree)"
+            "or the path of a local folder (official CUB/Cars/CIFAR archive or an imagefolder tree)"
         )
     if data_dir is not None and Path(data_dir).expanduser().resolve() != path.resolve():
         raise DatasetError(
@@ -124,6 +130,9 @@ def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None)
         return "cub", path
     if (path / "devkit" / "cars_meta.mat").is_file() or (path / "stanford_cars" / "devkit").is_dir():
         return "cars", path
+    cifar_kind = detect_cifar_layout(path)
+    if cifar_kind is not None:
+        return cifar_kind, path
     return "imagefolder", path
 
 
@@ -144,23 +153,26 @@ def load_image_dataset(
     Example::
 
         data, info = load_image_dataset("cub", data_dir="/data")        # /data/CUB_200_2011/...
+        data, info = load_image_dataset("cifar10", data_dir="/data")    # /data/cifar-10-batches-py/...
         data, info = load_image_dataset("digits")                       # offline demo set
         print(info.num_classes, info.split_sizes, info.skipped)
 
     Args:
-        name_or_path: ``'cub'``, ``'cars'``, ``'digits'``, ``'imagefolder'``, or a local folder (layout detected).
-        data_dir: Local folder for ``cub``/``cars`` (official archive layout; the hub copy is used when absent) or
-            ``imagefolder``.
+        name_or_path: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'``, ``'imagefolder'``, or a
+            local folder (layout detected).
+        data_dir: Local folder for ``cub``/``cars``/``cifar10``/``cifar100`` (official archive layout; the hub copy
+            is used when absent) or ``imagefolder``.
         cache_dir: Cache for built local data sets and hub downloads; default ``$TIMM_BNINIT_DATA_CACHE`` or
             ``~/.cache/timm_bninit/datasets``.
         val_fraction: Fraction of the training images drawn, per class, as the validation split (0: none).
         split_seed: Seed of that draw, independent of any run seed and of global random state.
         skip_corrupt: Leave out missing or undecodable images instead of failing; they are listed in
-            ``info.skipped``.
+            ``info.skipped``. Not used by CIFAR, whose images are arrays inside the batch files.
 
     Returns:
         ``(DatasetDict, ImageDatasetInfo)``. Columns: ``image`` (``datasets.Image``), ``label``
-        (``datasets.ClassLabel``), ``bbox`` for CUB and Cars, and ``file`` (path within the source) for local sources.
+        (``datasets.ClassLabel``), ``bbox`` for CUB and Cars, ``coarse_label`` (the 20 superclasses) for CIFAR-100,
+        and ``file`` (path within the source; ``<batch file>/<row>`` for CIFAR) for local sources.
 
     Raises:
         DatasetError: the source is missing, malformed, has bad labels, empty classes or unreadable images, or the
@@ -175,6 +187,8 @@ def load_image_dataset(
     else:
         if kind == "digits":
             loaded = load_digits_dataset(cache_root)
+        elif kind in CIFAR_LAYOUTS:
+            loaded = load_cifar_dataset(kind, folder, cache_root)
         else:
             loaded = load_local_dataset(kind, folder, cache_root, skip_corrupt=skip_corrupt)
         official = loaded.dataset
