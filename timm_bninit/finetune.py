@@ -419,6 +419,8 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
     group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
     started = time.time()
     for epoch in range(state["epoch"], config["epochs"]):
+        # accelerate's loader re-sets its sampler's epoch to its own pass counter (0 after a resume): tell it too
+        train_loader.set_epoch(epoch)
         loaders.train_sampler.set_epoch(epoch)
         loaders.train_dataset.epoch = epoch
         model.train()
