@@ -260,3 +260,29 @@ def test_bn_only_training_changes_only_norm_parameters(tiny_data, tmp_path):
                 assert changed == train_classifier, key
             elif key.endswith(("weight", "bias")):
                 assert not changed, f"{key} changed although frozen"
+
+
+def test_class_subset_preload_and_gamma_init(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma1", gamma_init=0.731, gamma_lr_div=1.0,
+                         classes=[2, 0], epochs=1, augmentation="none")
+    model = build_model(config, 2)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.allclose(m.weight, torch.full_like(m.weight, 0.731)) for m in layers)
+    finals = []
+    for preload in (False, True):
+        run_dir = tmp_path / f"run{preload}"
+        finals.append(run_finetune({**config, "preload": preload}, run_dir, quiet=True,
+                                   data_cache_dir=tmp_path / "cache"))
+        assert read_metrics(run_dir)[0]["lr_gamma"] == pytest.approx(read_metrics(run_dir)[0]["lr"])  # c = 1
+    assert finals[0]["test_acc_at_best_val"] == finals[1]["test_acc_at_best_val"]  # preload changes nothing
+    assert finals[0]["initial_effective_scale"] == pytest.approx(0.731)
+    data, _ = load_image_dataset("imagefolder", data_dir=tiny_data / "folder", cache_dir=tmp_path / "cache")
+    subset = SeededImageDataset(data["test"], lambda image: image, None, classes=[2, 0])
+    originals = data["test"]["label"]
+    assert len(subset) == sum(label in (0, 2) for label in originals)
+    assert sorted(set(subset.labels)) == [0, 1]
+    assert all(originals[i] == (2 if new == 0 else 0) for i, new in zip(subset.indices, subset.labels))
+    with pytest.raises(RecipeError, match="gamma_init sets γ0 of a bn_gamma"):
+        run_finetune({**config, "norm_layer": "rbn"}, tmp_path / "bad", quiet=True)
+    with pytest.raises(RunError, match=r"classes \[0, 7\] are not all class indices"):
+        run_finetune({**config, "classes": [0, 7]}, tmp_path / "bad2", quiet=True, data_cache_dir=tmp_path / "cache")

@@ -19,6 +19,7 @@ shared-weight initialisation, the same data order and the same augmentation draw
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -85,26 +86,47 @@ def rng_scope(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+_DECODED: dict[str, list[Any]] = {}  # per process: decoded images of a split, shared by the runs of a sweep worker
+
+
+def decoded_images(rows: Any) -> list[Any]:
+    """Every image of a ``datasets`` split decoded once (RGB), memoised per process by the split's fingerprint."""
+    key = getattr(rows, "_fingerprint", None) or str(id(rows))
+    if key not in _DECODED:
+        _DECODED[key] = [image.convert("RGB") for image in rows["image"]]
+    return _DECODED[key]
+
+
 class SeededImageDataset(Dataset):
     """A ``datasets`` split whose transform of sample ``i`` in epoch ``e`` draws from the stream (seed, e, i).
 
     Augmentation is then a pure function of the run seed, the epoch and the index: the same for every method, the
-    same with any number of workers, and the same after a resume.
+    same with any number of workers, and the same after a resume. ``classes`` keeps a subset of the classes,
+    relabelled 0..k-1 in the given order; ``preload`` decodes every image once instead of on every access.
     """
 
-    def __init__(self, rows: Any, transform: Any, seed: int | None):
+    def __init__(self, rows: Any, transform: Any, seed: int | None, classes: list[int] | None = None,
+                 preload: bool = False):
         self.rows, self.transform, self.seed, self.epoch = rows, transform, seed, 0
+        labels = rows["label"]
+        if classes is None:
+            self.indices, self.labels = list(range(len(labels))), list(labels)
+        else:
+            relabel = {original: new for new, original in enumerate(classes)}
+            self.indices = [i for i, label in enumerate(labels) if label in relabel]
+            self.labels = [relabel[labels[i]] for i in self.indices]
+        self.images = decoded_images(rows) if preload else None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[index]
-        image = row["image"].convert("RGB")
+        row = self.indices[index]
+        image = self.images[row] if self.images is not None else self.rows[row]["image"].convert("RGB")
         if self.seed is None:
-            return self.transform(image), row["label"]
+            return self.transform(image), self.labels[index]
         with rng_scope(seed_for(self.seed, "augment", self.epoch, index)):
-            return self.transform(image), row["label"]
+            return self.transform(image), self.labels[index]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -151,7 +173,17 @@ def check_config(config: dict[str, Any]) -> None:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise RecipeError(f"unknown timm model {config['model']!r}.{hint} See timm.list_models().")
     if config["norm_layer"] is not None:
-        resolve_norm_layer(config["norm_layer"])
+        norm = resolve_norm_layer(config["norm_layer"])[0]
+    if config["gamma_init"] is not None:
+        from .norm import BatchNormGamma2d
+
+        base = getattr(norm, "func", norm) if config["norm_layer"] is not None else None
+        if not (isinstance(base, type) and issubclass(base, BatchNormGamma2d)):
+            raise RecipeError(f"gamma_init sets γ0 of a bn_gamma* layer, but norm_layer is {config['norm_layer']!r}; "
+                              f"use e.g. norm_layer=bn_gamma1 gamma_init=0.731")
+    if config["classes"] is not None and (not isinstance(config["classes"], list) or len(config["classes"]) < 2
+                                          or len(set(config["classes"])) != len(config["classes"])):
+        raise RecipeError(f"classes must be a list of at least 2 distinct class indices, got {config['classes']!r}")
     check_bn_transfer(config["bn_transfer"])
     for key in ("epochs", "batch_size", "grad_accum_steps", "img_size"):
         if config[key] < 1:
@@ -177,6 +209,7 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     import timm
 
     from .factory import create_model
+    from .registry import get_norm_layer
 
     kwargs = {"num_classes": num_classes, "drop_rate": config["drop_rate"]}
     if config["drop_path_rate"]:
@@ -186,8 +219,11 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     with rng_scope(seed_for(config["seed"], "init")):
         reference = timm.create_model(config["model"], **kwargs)
     pretrained = False if config["pretrained_file"] else config["pretrained"]
+    norm_layer = config["norm_layer"]
+    if config["gamma_init"] is not None:
+        norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
     with rng_scope(seed_for(config["seed"], "init-method")):
-        model = create_model(config["model"], config["norm_layer"], pretrained=pretrained,
+        model = create_model(config["model"], norm_layer, pretrained=pretrained,
                              pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
     if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
         # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (REFERENCE §9)
@@ -266,7 +302,10 @@ class Loaders:
 
 def build_loaders(config: dict[str, Any], data: Any, train_transform: Any, eval_transform: Any) -> Loaders:
     seed, batch, workers = config["seed"], config["batch_size"], config["num_workers"]
-    train = SeededImageDataset(data["train"], train_transform, seed)
+    subset = {"classes": config["classes"], "preload": config["preload"]}
+    # without augmentation the transform draws nothing: skip the per-sample random-state scope
+    train = SeededImageDataset(data["train"], train_transform, None if config["augmentation"] == "none" else seed,
+                               **subset)
     sampler = EpochShuffleSampler(len(train), seed)
     common = {"num_workers": workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
     if len(train) < batch:
@@ -275,12 +314,12 @@ def build_loaders(config: dict[str, Any], data: Any, train_transform: Any, eval_
     train_loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, **common)
 
     def evaluation(split: str) -> DataLoader:
-        return DataLoader(SeededImageDataset(data[split], eval_transform, None), batch_size=batch, shuffle=False,
-                          **common)
+        return DataLoader(SeededImageDataset(data[split], eval_transform, None, **subset), batch_size=batch,
+                          shuffle=False, **common)
 
     validation = evaluation("validation") if "validation" in data and len(data["validation"]) else None
     # BN recalibration batches: training images with eval transforms, fixed order -> deterministic
-    calibration = DataLoader(SeededImageDataset(data["train"], eval_transform, None), batch_size=batch,
+    calibration = DataLoader(SeededImageDataset(data["train"], eval_transform, None, **subset), batch_size=batch,
                              shuffle=False, drop_last=True, **common)
     return Loaders(train_loader, validation, evaluation("test"), calibration, train, sampler)
 
@@ -366,7 +405,10 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
     data, data_info = load_image_dataset(config["dataset"], data_dir=config["data_dir"], cache_dir=data_cache_dir,
                                          val_fraction=config["val_fraction"], split_seed=config["split_seed"],
                                          skip_corrupt=config["skip_corrupt"])
-    model = build_model(config, data_info.num_classes)
+    if config["classes"] and not all(0 <= c < data_info.num_classes for c in config["classes"]):
+        raise RunError(f"classes {config['classes']} are not all class indices of {config['dataset']} "
+                       f"(0..{data_info.num_classes - 1})")
+    model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
     initial_scale = effective_initial_scale(model)
     if config["bn_only"]:
         freeze_all_but_norm(model, train_classifier=config["train_classifier"])

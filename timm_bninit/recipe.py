@@ -16,6 +16,8 @@ DEFAULTS: dict[str, Any] = {
     # data
     "dataset": "digits",          # cub | cars | digits | imagefolder | cifar10 | cifar100, or a folder
     "data_dir": None,             # local copy (official archive layout or imagefolder); None: the hub copy
+    "classes": None,              # keep only these class indices (relabelled 0..k-1 in this order); None: all
+    "preload": False,             # decode every image once per process and keep it in memory (small data sets)
     "val_fraction": 0.1,          # stratified fraction of train held out for model selection
     "split_seed": 0,              # seed of that split: fixed, never the run seed
     "skip_corrupt": False,        # skip unreadable images (counted in final.json) instead of failing
@@ -26,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "pretrained_file": None,      # local weights file used instead of the hub
     "norm_layer": None,           # None: plain BN (BASE); or a timm-bninit name such as bn_gamma01
     "bn_transfer": "keep",        # what a pretrained γ becomes: keep | reset | scale
+    "gamma_init": None,           # γ0 of a bn_gamma* layer other than its name's (e.g. 0.731, RBN's initial scale)
     "gamma_lr_div": None,         # γ learning-rate divisor c for every BN; None: the variant's own (plain BN: 1)
     "zero_init_last": False,      # keep timm ResNets' zeroed last-BN γ (False: every BN starts at its γ0, BASE at 1)
     "cifar_stem": False,          # 3×3 stride-1 stem without max-pool (the paper's CIFAR ResNets)
