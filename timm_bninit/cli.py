@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .recipe import RecipeError, apply_overrides, list_recipes, load_recipe
 
-__all__ = ["compare_main", "finetune_main"]
+__all__ = ["compare_main", "finetune_main", "study_main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,3 +130,29 @@ def compare_main(argv: list[str] | None = None) -> int:
     print(f"{len(final['finished'])} of {len(specs)} runs finished" +
           (f"; {unfinished} not (see error.json files; --retry-failed re-runs failed ones)" if unfinished else ""))
     return 1 if unfinished else 0
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="study.py",
+        description="Run a reproduction study (a protocol of sweeps in studies/*.yaml) and write its tables, plots "
+                    "and run summaries into docs/. Running it again resumes; finished runs are never re-run.")
+    parser.add_argument("--protocol", default="studies/digits.yaml", help="the study protocol")
+    parser.add_argument("--out", default="runs/study", help="where the runs go")
+    parser.add_argument("--docs", default="docs/study", help="where the reports and summaries go")
+    parser.add_argument("--parallel", type=int, default=2, help="runs side by side (default 2: one per core here)")
+    parser.add_argument("--data-cache-dir", help="cache for built data sets")
+    args = parser.parse_args(argv)
+    from .registry import UnknownNormLayerError
+    from .report import IncompleteSweepError
+    from .study import run_study
+
+    try:
+        record = run_study(args.protocol, args.out, args.docs, parallel=args.parallel,
+                           data_cache_dir=args.data_cache_dir)
+    except (RecipeError, UnknownNormLayerError, IncompleteSweepError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"study finished in {record['wall_seconds_this_invocation'] / 60:.1f} min on {record['machine']['cores']} "
+          f"cores ({record['machine']['cpu']}); reports in {args.docs}")
+    return 0

@@ -29,6 +29,7 @@ import platform
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,7 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     """
     import timm
 
+    from .convert import BNTransferWarning
     from .factory import create_model
     from .registry import get_norm_layer
 
@@ -222,7 +224,9 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     norm_layer = config["norm_layer"]
     if config["gamma_init"] is not None:
         norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
-    with rng_scope(seed_for(config["seed"], "init-method")):
+    with rng_scope(seed_for(config["seed"], "init-method")), warnings.catch_warnings():
+        if config["precise_bn_batches"]:  # the run re-estimates BN statistics before every evaluation
+            warnings.simplefilter("ignore", BNTransferWarning)
         model = create_model(config["model"], norm_layer, pretrained=pretrained,
                              pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
     if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):

@@ -140,7 +140,10 @@ def load_recipe(name_or_path: str | os.PathLike) -> dict[str, Any]:
         if key not in DEFAULTS:
             raise RecipeError(f"in {path}: {_unknown_key(key)}")
         config[key] = _coerce(key, value)
-    config["recipe"] = str(path.stem if path.parent == recipe_dir() else path)
+    try:
+        config["recipe"] = str(path.resolve().relative_to(recipe_dir().resolve()).with_suffix(""))
+    except ValueError:  # a recipe file outside recipes/
+        config["recipe"] = str(path)
     return config
 
 

@@ -1,0 +1,60 @@
+"""The study command on a tiny protocol: parts, pretraining, reports and summaries in docs/, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from fake_datasets import make_imagefolder
+from scipy import stats
+
+from timm_bninit.recipe import RecipeError
+from timm_bninit.study import load_protocol, run_study
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    make_imagefolder(tmp_path / "data", class_names=("a", "b", "c", "d"), counts={"train": 10, "test": 4})
+    common = {"dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "model": "test_resnet", "img_size": 16,
+              "batch_size": 6, "num_workers": 0, "val_fraction": 0.25, "augmentation": "none", "preload": True,
+              "precise_bn_batches": 2, "epochs": 1}
+    recipes = {"scratch": common, "pretrain": {**common, "classes": [0, 1], "seed": 0},
+               "finetune": {**common, "classes": [2, 3], "lr": 0.01}}
+    for name, recipe in recipes.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    protocol = tmp_path / "study.yaml"
+    protocol.write_text(yaml.safe_dump({"seeds": "1-2", "parts": {
+        "scratch": {"recipe": str(tmp_path / "scratch.yaml"), "lr": [0.05],
+                    "methods": ["base", "bn_gamma1+gamma_init=0.269+gamma_lr_div=1"]},
+        "finetune": {"recipe": str(tmp_path / "finetune.yaml"), "pretrain": str(tmp_path / "pretrain.yaml"),
+                     "lr": [0.01], "methods": ["base", "bn_gamma01+bn_transfer=scale"]}}}))
+    docs, out = tmp_path / "docs", tmp_path / "runs"
+    record = run_study(protocol, out, docs, parallel=1, data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert record["machine"]["cores"] >= 1 and set(record["part_seconds_this_invocation"]) == {"scratch", "finetune"}
+    assert (out / "finetune_pretrain" / "best_model.safetensors").is_file()
+    report = json.loads((out / "finetune" / "bn_gamma01__bn_transfer=scale" / "lr0.01" / "seed1" /
+                         "load_report.json").read_text())
+    assert report["bn_transfer"] == "scale" and "finetune_pretrain" in report["source"]
+    for part in ("scratch", "finetune"):
+        summaries = json.loads((docs / part / "summaries.json").read_text())
+        assert len(summaries) == 4
+        by = {(r["method"], r["seed"]): r["test_acc_at_best_val"] for r in summaries}
+        methods = sorted({m for m, _ in by} - {"base"})
+        new, base = [by[(methods[0], s)] for s in (1, 2)], [by[("base", s)] for s in (1, 2)]
+        markdown = (docs / part / "report.md").read_text()
+        assert f"{np.mean(new):.2f} ± {np.std(new, ddof=1):.2f} (2)" in markdown
+        assert "Holm-corrected" in markdown
+        p = stats.ttest_rel(new, base, alternative="greater").pvalue
+        csv_text = (docs / part / "report.csv").read_text()
+        assert (f"{p:.6g}" if not np.isnan(p) else ",nan,") in csv_text
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("final.json")}
+    run_study(protocol, out, docs, parallel=1, data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("final.json")} == stamps  # resumed, nothing re-run
+
+
+def test_protocol_errors(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_protocol(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"seeds": "1-2", "parts": {"a": {"recipe": "demo", "lr": [0.1]}}}))
+    with pytest.raises(RecipeError, match="part 'a' lacks methods"):
+        load_protocol(bad)

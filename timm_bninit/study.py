@@ -1,0 +1,96 @@
+"""A reproduction study in one command: a protocol file (``studies/*.yaml``) of sweeps, run resumably, reported into
+``docs/``. Each part is an ordinary sweep (:mod:`timm_bninit.compare`); a part with ``pretrain`` first trains that
+recipe once and fine-tunes every run of the part from its best-validation weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .compare import parse_seeds, plan_sweep, run_sweep
+from .recipe import RecipeError, load_recipe
+
+__all__ = ["load_protocol", "run_study", "SUMMARY_FILE"]
+
+SUMMARY_FILE = "summaries.json"
+
+
+def load_protocol(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"study protocol {str(path)!r} does not exist (see studies/*.yaml)")
+    protocol = yaml.safe_load(path.read_text())
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("parts"), dict) or "seeds" not in protocol:
+        raise RecipeError(f"{path}: a study protocol needs 'seeds' and a mapping 'parts' of part name -> "
+                          f"recipe, lr, methods")
+    for name, part in protocol["parts"].items():
+        missing = {"recipe", "lr", "methods"} - set(part)
+        if missing:
+            raise RecipeError(f"{path}: part {name!r} lacks {', '.join(sorted(missing))}")
+    return protocol
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
+        platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _summaries(out: Path) -> list[dict[str, Any]]:
+    plan = json.loads((out / "sweep.json").read_text())["runs"]
+    rows = []
+    for run in plan:
+        final = json.loads((out / run["run_dir"] / "final.json").read_text())
+        rows.append({"method": run["method"], "lr": run["lr"], "seed": run["seed"], "dataset": run["dataset"],
+                     **{k: final[k] for k in ("test_acc_at_best_val", "test_acc_last", "best_epoch",
+                                              "initial_effective_scale", "gamma_clamp")}})
+    return rows
+
+
+def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: str | os.PathLike, *,
+              parallel: int = 2, data_cache_dir: str | None = None, log=print) -> dict[str, Any]:
+    """Run (or resume) every part of a study, then write each part's report and run summaries into ``docs``."""
+    from .finetune import run_finetune
+    from .report import write_report
+
+    protocol = load_protocol(protocol_path)
+    out, docs = Path(out), Path(docs)
+    seeds = parse_seeds(protocol["seeds"])
+    started = time.time()
+    timings: dict[str, float] = {}
+    for name, part in protocol["parts"].items():
+        part_started = time.time()
+        overrides = []
+        if part.get("pretrain"):
+            pretrain_dir = out / f"{name}_pretrain"
+            log(f"[{name}] pretraining {part['pretrain']} into {pretrain_dir}")
+            run_finetune(load_recipe(part["pretrain"]), pretrain_dir, resume=True, quiet=True,
+                         data_cache_dir=data_cache_dir)
+            overrides.append(f"pretrained_file={pretrain_dir / 'best_model.safetensors'}")
+        specs = plan_sweep(part["recipe"], part["methods"], part["lr"], seeds, out / name, overrides)
+        log(f"[{name}] {len(part['methods'])} methods × {len(part['lr'])} lr × {len(seeds)} seeds")
+        status = run_sweep(specs, out / name, parallel=parallel, data_cache_dir=data_cache_dir,
+                           log=lambda line, part_name=name: log(f"[{part_name}] {line}"))
+        unfinished = len(specs) - len(status["finished"])
+        if unfinished:
+            raise RuntimeError(f"[{name}] {unfinished} runs did not finish (see their error.json); run the study "
+                               f"command again to resume them")
+        timings[name] = time.time() - part_started
+        report_dir = docs / name
+        write_report(out / name, report_dir, use_holm=True)
+        (report_dir / SUMMARY_FILE).write_text(json.dumps(_summaries(out / name), indent=1))
+    record = {"protocol": str(protocol_path), "seeds": seeds, "parallel": parallel,
+              "wall_seconds_this_invocation": time.time() - started, "part_seconds_this_invocation": timings,
+              "machine": machine()}
+    (docs / "study.json").write_text(json.dumps(record, indent=2))
+    return record
