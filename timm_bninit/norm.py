@@ -11,8 +11,9 @@ Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict key
 * :class:`BlendedStdBatchNorm2d`: BN without γ, σ blended with the previous batch's (§4).
 
 The calibrating layers (RBN, IEBN, blend) never materialise the normalised tensor: they need only the per-(sample,
-channel) mean and variance of the input (one statistics pass), from which the whole layer reduces to
-``y = x · A[n, c] + B[n, c]`` (one elementwise pass).
+channel) mean m and variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]``
+with small (N, C) tensors A and B. In training, :class:`_PlaneAffineFunction` computes this with as many full passes
+over the activation as BN's own kernels, and a closed-form backward for the small (N, C) part.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BatchNormVariant",
@@ -155,6 +157,123 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
 
 
+# Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
+# contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
+# reduction that are faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
+# devices, low-precision or non-contiguous inputs) the portable tensor ops do the same.
+_VARIANCE_CHUNK_ELEMENTS = 1 << 20  # on CPU, x − m exists one cache-sized chunk at a time
+
+
+def _plane(values: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (C,) per-plane values as a tensor that broadcasts against (N, C, H, W)."""
+    return values[..., None, None]
+
+
+def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+               for t in tensors)
+
+
+def _planes_view(x: torch.Tensor) -> torch.Tensor:
+    return x.view(1, x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def _plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-plane mean and biased variance, two-pass (Σ(x − m)² after m, as BN computes it: no cancellation).
+
+    ``torch.var_mean`` would do this in one call but is several times slower than BN's whole forward on CPU.
+    """
+    mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
+    batch, mean = x.shape[0], _plane(mean_nc)
+    step = batch
+    if x.device.type == "cpu":
+        step = max(1, min(batch, _VARIANCE_CHUNK_ELEMENTS // max(1, x[0].numel())))
+    if step == batch:
+        norm_nc = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=stats_dtype)
+    else:
+        buffer = torch.empty_like(x[:step], dtype=stats_dtype)
+        norm_nc = torch.empty_like(mean_nc)
+        for start in range(0, batch, step):
+            stop = min(start + step, batch)
+            chunk = torch.sub(x[start:stop], mean[start:stop], out=buffer[:stop - start])
+            torch.linalg.vector_norm(chunk, dim=(2, 3), out=norm_nc[start:stop])
+    return mean_nc, norm_nc.square_().div_(x.shape[2] * x.shape[3])
+
+
+def _plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x·scale + shift`` with per-plane (N, C) or per-channel (C,) scale and shift, in one elementwise pass
+    computed in their dtype and stored in x's."""
+    if _uses_plane_kernels(x) and scale.dtype == x.dtype:
+        planes = x.shape[0] * x.shape[1]
+        scale, shift = scale.expand(x.shape[:2]).reshape(planes), shift.expand(x.shape[:2]).reshape(planes)
+        ones, unused = torch.ones(planes, dtype=x.dtype), torch.empty(0, dtype=x.dtype)
+        y = torch.empty_like(x)  # written through the planes view, so that y itself is not a view (in-place ReLU)
+        # eval-mode BN with mean 0, var 1, ε = 0 computes exactly x·weight + bias
+        torch.ops.aten.native_batch_norm.out(_planes_view(x), scale, shift, torch.zeros_like(ones), ones, False, 0.0,
+                                             0.0, out=_planes_view(y), save_mean=unused, save_invstd=unused.clone())
+        return y
+    return torch.addcmul(_plane(shift), x, _plane(scale), out=torch.empty_like(x))
+
+
+def _plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-plane Σdy and Σdy·(x − m), in m's dtype."""
+    if _uses_plane_kernels(grad_y, x) and mean_nc.dtype == x.dtype:
+        planes = x.shape[0] * x.shape[1]
+        # eval-mode BN backward with mean m, var 1, ε = 0 returns (Σdy·(x − m), Σdy) per plane in one fused pass
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            _planes_view(grad_y), _planes_view(x), None, mean_nc.reshape(planes), torch.ones(planes, dtype=x.dtype),
+            None, None, False, 0.0, [False, True, True])
+        return total.view_as(mean_nc), dot.view_as(mean_nc)
+    centered = x - _plane(mean_nc)
+    return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
+
+
+class _PlaneAffineFunction(torch.autograd.Function):
+    """Training-mode forward and backward of a calibrated layer, ``y = x·A + B'`` where the per-plane (N, C) or
+    per-channel (C,) A and B' are functions of the per-(sample, channel) mean m and biased variance v of ``x`` over
+    H×W and of the layer's parameters (``layer._batch_coefficients``), back-propagated in closed form by
+    ``layer._batch_coefficients_backward``.
+
+    Why: autograd through ``var_mean`` + ``addcmul`` plus a graph of ~30 small ops cost 3.5-4× BN's forward+backward
+    time on CPU. Here the activation-sized work is close to BN's: forward m, then Σ(x − m)², then y; backward Σdy and
+    Σdy·(x − m) in one fused pass, then dx = A·dy + P·x + Q with per-plane P and Q (two passes). The (N, C)-sized
+    work is a few dozen tensor ops without autograd bookkeeping. Not twice differentiable, and (like BN's running
+    statistics update) not usable under ``torch.func`` transforms.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _CalibratedBase, *params: torch.Tensor | None) -> torch.Tensor:
+        mean_nc, var_nc = _plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+        values = tuple(None if p is None else p.detach() for p in params)  # plain tensors: no Parameter dispatch
+        scale, shift, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
+        return _plane_affine(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        mean_nc, scale = ctx.mean_nc, ctx.scale
+        plane_size = x.shape[2] * x.shape[3]
+        # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
+        grad_shift, grad_scale = _plane_grad_sums(grad_y, x, mean_nc)
+        grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which
+            # enters both A, B and x − m (the latter contributes −A·Σdy):
+            # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
+            coef_x = grad_var * (2.0 / plane_size)
+            coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
+            grad_x = _plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
+            grad_x.addcmul_(x, _plane(coef_x))
+        param_grads = tuple(grad.to(dtype) if needed else None
+                            for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:]))
+        return (grad_x, None, *param_grads)
+
+
 class _CalibratedBase(BatchNormVariant):
     """Forward machinery shared by RBN, IEBN and the blended-σ layer."""
 
@@ -173,11 +292,15 @@ class _CalibratedBase(BatchNormVariant):
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
-    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Per-(sample, channel) mean and variance of ``x`` over H×W in the statistics dtype, and N·H·W."""
-        var_nc, mean_nc = torch.var_mean(x, dim=(2, 3), correction=0)
-        dtype = self._stats_dtype(x)
-        return mean_nc.to(dtype), var_nc.to(dtype), x.shape[0] * x.shape[2] * x.shape[3]
+    def _batch_mean_var(self, mean_nc: torch.Tensor, var_nc: torch.Tensor,
+                        plane_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-channel batch mean μ and biased variance σ² from per-(sample, channel) ones over equal-sized planes
+        (law of total variance), and the centred plane means m − μ; updates the running statistics."""
+        mean = mean_nc.mean(0)
+        centered_mean = mean_nc - mean
+        var = torch.addcmul(var_nc, centered_mean, centered_mean).mean(0)
+        self._update_running_stats(mean, var, mean_nc.shape[0] * plane_size)
+        return mean, var, centered_mean
 
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         if not (self.training and self.track_running_stats):
@@ -200,13 +323,54 @@ class _CalibratedBase(BatchNormVariant):
         shift = shift.to(x.dtype)[:, :, None, None]
         return torch.addcmul(shift, x, scale)
 
-    def _gamma_beta(self, dtype: torch.dtype) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        gamma = self.weight.to(dtype) if self.weight is not None else 1.0
-        beta = self.bias.to(dtype) if self.bias is not None else 0.0
+    @staticmethod
+    def _gamma_beta(weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """γ and β in ``dtype``; 1 and 0 for a layer without affine parameters."""
+        gamma = weight.to(dtype) if weight is not None else 1.0
+        beta = bias.to(dtype) if bias is not None else 0.0
         return gamma, beta
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _affine_shift(beta: torch.Tensor | float, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """β − scale·offset."""
+        if isinstance(beta, torch.Tensor):
+            return torch.addcmul(beta, scale, offset, value=-1.0)
+        return (scale * offset).neg_().add_(beta)
+
+    @staticmethod
+    def _moments_backward(grad_centered_mean: torch.Tensor, grad_batch_var: torch.Tensor,
+                          centered_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back-propagate through :meth:`_batch_mean_var`: given ∂L/∂u for u = m − μ (N, C) and ∂L/∂σ² (C,),
+        return ∂L/∂m (N, C) and ∂L/∂v (C,) (the same for every sample)."""
+        batch = centered_mean.shape[0]
+        # σ² = mean_n(v) + mean_n(u²): ∂σ²/∂v = 1/N and ∂σ²/∂u = 2u/N; u = m − mean_n(m) centres the gradient
+        total = torch.addcmul(grad_centered_mean, centered_mean, grad_batch_var * (2.0 / batch))
+        return total - total.mean(0), grad_batch_var / batch
+
+    def _calibration_params(self) -> tuple[torch.Tensor | None, ...]:
+        """The parameters that the coefficients depend on, in the order the methods below take them."""
         raise NotImplementedError
+
+    def _batch_coefficients(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int,
+                            *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Training mode: (A, B') with ``y = x·A + B'`` from the per-plane mean and variance (updating the running
+        statistics), and what :meth:`_batch_coefficients_backward` needs."""
+        raise NotImplementedError
+
+    def _batch_coefficients_backward(self, saved: tuple, grad_scale: torch.Tensor, grad_shift: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Given ∂L/∂A and ∂L/∂B of the centred form ``y = (x − m)·A + B`` (per plane): ∂L/∂m (N, C), ∂L/∂v
+        (broadcastable to (N, C)) and the gradients of :meth:`_calibration_params`."""
+        raise NotImplementedError
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._uses_batch_stats():
+            return _PlaneAffineFunction.apply(x, self, *self._calibration_params())
+        return self._normalize_with_running_stats(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
@@ -254,31 +418,58 @@ class _RBNBase(_CalibratedBase):
             self.scaling_weight.zero_()
             self.scaling_bias.fill_(self.scaling_bias_init)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def _calibration_params(self) -> tuple[torch.Tensor | None, ...]:
+        return self.weight, self.bias, self.centering_weight, self.scaling_weight, self.scaling_bias
+
+    def _coefficients(self, mean_nc, centered_mean, var, weight, bias, centering_weight, scaling_weight,
+                      scaling_bias):
+        """(A, B') with ``y = x·A + B'`` from the plane means m and the batch or running (μ, σ²) of the calibrated
+        input: y = γ·s·x̂ + β, x̂ = (x − m + u)·r with u = (1 + w_m)·m − μ (``centered_mean``),
+        r = 1/sqrt(σ² + ε), s = k·σ(w_v·GAP(x̂) + w_b), GAP(x̂) = u·r (k = 1/σ(w_b0) with ``identity_init``)."""
+        dtype = mean_nc.dtype
+        inv_std = (var + self.eps).rsqrt_()
+        gap_normalized = centered_mean * inv_std
+        logit_weight = scaling_weight.to(dtype)
+        sigmoid = torch.addcmul(scaling_bias.to(dtype), logit_weight, gap_normalized).sigmoid_()
+        calibration = sigmoid * (1.0 / _sigmoid(self.scaling_bias_init)) if self.identity_init else sigmoid
+        gamma, beta = self._gamma_beta(weight, bias, dtype)
+        gain = gamma * inv_std
+        scale = calibration * gain
+        shift = self._affine_shift(beta, scale, mean_nc - centered_mean)  # B' = β + A·(u − m)
+        saved = (mean_nc, centering_weight.to(dtype), centered_mean, gap_normalized, inv_std, sigmoid, calibration,
+                 scale, gamma, logit_weight)
+        return scale, shift, saved
+
+    def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
+        # x_c = x + w_m·GAP(x) shifts each (n, c) plane by a constant: its within-plane variance is unchanged, so
+        # the batch statistics of x_c follow from (m_c, v) with m_c = (1 + w_m)·m.
+        calibrated_mean_nc = torch.addcmul(mean_nc, mean_nc, params[2].to(mean_nc.dtype))
+        _, var, centered_mean = self._batch_mean_var(calibrated_mean_nc, var_nc, plane_size)
+        return self._coefficients(mean_nc, centered_mean, var, *params)
+
+    def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
+        (mean_nc, centering_weight, centered_mean, gap_normalized, inv_std, sigmoid, calibration, scale, gamma,
+         logit_weight) = saved
+        grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean)  # B = A·u + β depends on A too
+        grad_gain = (grad_scale * calibration).sum(0)
+        grad_calibration = grad_scale * scale  # ∂L/∂s · s
+        grad_logit = torch.addcmul(grad_calibration, grad_calibration, sigmoid, value=-1.0)  # ∂s/∂z = s·(1 − σ(z))
+        grad_gap = grad_logit * logit_weight
+        grad_inv_std = torch.addcmul((grad_gap * centered_mean).sum(0), grad_gain, gamma) if isinstance(
+            gamma, torch.Tensor) else (grad_gap * centered_mean).sum(0).add_(grad_gain)
+        grad_batch_var = grad_inv_std.mul_(inv_std.pow(3)).mul_(-0.5)
+        grad_centered_mean = torch.addcmul(grad_shift * scale, grad_gap, inv_std)
+        grad_calibrated_mean, grad_var = self._moments_backward(grad_centered_mean, grad_batch_var, centered_mean)
+        param_grads = (grad_gain * inv_std, grad_shift.sum(0), (grad_calibrated_mean * mean_nc).sum(0),
+                       (grad_logit * gap_normalized).sum(0), grad_logit.sum(0))
+        return torch.addcmul(grad_calibrated_mean, grad_calibrated_mean, centering_weight), grad_var, param_grads
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._stats_dtype(x)
-        w_m = self.centering_weight.to(dtype)
-        if self._uses_batch_stats():
-            mean_nc, var_nc, count = self._batch_moments(x)
-            # x_c = x + w_m·GAP(x) shifts each (n, c) plane by a constant: its within-plane variance is unchanged,
-            # so the batch variance of x_c is mean_n(var_nc) + var_n(mean of x_c) (law of total variance).
-            centered_mean_nc = mean_nc * (1.0 + w_m)
-            mean = centered_mean_nc.mean(0)
-            var = var_nc.mean(0) + (centered_mean_nc - mean).square().mean(0)
-            self._update_running_stats(mean, var, count)
-        else:
-            mean_nc = x.mean(dim=(2, 3), dtype=dtype)
-            centered_mean_nc = mean_nc * (1.0 + w_m)
-            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
-        inv_std = torch.rsqrt(var + self.eps)
-        gap_normalized = (centered_mean_nc - mean) * inv_std  # GAP(x̂)
-        scale_calibration = torch.sigmoid(self.scaling_weight.to(dtype) * gap_normalized
-                                          + self.scaling_bias.to(dtype))
-        if self.identity_init:
-            scale_calibration = scale_calibration / _sigmoid(self.scaling_bias_init)
-        gamma, beta = self._gamma_beta(dtype)
-        # y = γ·s·x̂ + β with x̂ = (x + w_m·m − μ)·inv_std
-        scale = gamma * scale_calibration * inv_std
-        shift = scale * (w_m * mean_nc - mean) + beta
+        params = self._calibration_params()
+        mean_nc = x.mean(dim=(2, 3), dtype=dtype)
+        centered_mean = mean_nc * (1.0 + params[2].to(dtype)) - self.running_mean.to(dtype)
+        scale, shift, _ = self._coefficients(mean_nc, centered_mean, self.running_var.to(dtype), *params)
         return self._scale_shift(x, scale, shift)
 
     def extra_repr(self) -> str:
@@ -324,23 +515,43 @@ class _IEBNBase(_CalibratedBase):
             self.instance_weight.zero_()
             self.instance_bias.fill_(self.instance_bias_init)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def _calibration_params(self) -> tuple[torch.Tensor | None, ...]:
+        return self.weight, self.bias, self.instance_weight, self.instance_bias
+
+    def _coefficients(self, mean_nc, mean, var, weight, bias, instance_weight, instance_bias):
+        """(A, B') with ``y = x·A + B'`` from the plane means m and the batch or running (μ, σ²):
+        y = (x − μ)·r·γ·a + β with r = 1/sqrt(σ² + ε), a = k·σ(γ̂·m + β̂) (k = 1/σ(β̂0) with ``identity_init``)."""
+        dtype = mean_nc.dtype
+        inv_std = (var + self.eps).rsqrt_()
+        logit_weight = instance_weight.to(dtype)
+        sigmoid = torch.addcmul(instance_bias.to(dtype), logit_weight, mean_nc).sigmoid_()
+        attention = sigmoid * (1.0 / _sigmoid(self.instance_bias_init)) if self.identity_init else sigmoid
+        gamma, beta = self._gamma_beta(weight, bias, dtype)
+        gain = gamma * inv_std
+        scale = attention * gain
+        saved = (mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight)
+        return scale, self._affine_shift(beta, scale, mean), saved
+
+    def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
+        mean, var, centered_mean = self._batch_mean_var(mean_nc, var_nc, plane_size)
+        scale, shift, saved = self._coefficients(mean_nc, mean, var, *params)
+        return scale, shift, (centered_mean, *saved)
+
+    def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
+        centered_mean, mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight = saved
+        grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean)  # B = A·(m − μ) + β depends on A too
+        grad_gain = (grad_scale * attention).sum(0)
+        grad_attention = grad_scale * scale  # ∂L/∂a · a
+        grad_logit = torch.addcmul(grad_attention, grad_attention, sigmoid, value=-1.0)  # ∂a/∂z = a·(1 − σ(z))
+        grad_batch_var = (grad_gain * gamma).mul_(inv_std.pow(3)).mul_(-0.5)
+        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, centered_mean)
+        param_grads = (grad_gain * inv_std, grad_shift.sum(0), (grad_logit * mean_nc).sum(0), grad_logit.sum(0))
+        return grad_mean_nc.addcmul_(grad_logit, logit_weight), grad_var, param_grads
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._stats_dtype(x)
-        if self._uses_batch_stats():
-            mean_nc, var_nc, count = self._batch_moments(x)
-            mean = mean_nc.mean(0)
-            var = var_nc.mean(0) + (mean_nc - mean).square().mean(0)
-            self._update_running_stats(mean, var, count)
-        else:
-            mean_nc = x.mean(dim=(2, 3), dtype=dtype)
-            mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
-        inv_std = torch.rsqrt(var + self.eps)
-        attention = torch.sigmoid(self.instance_weight.to(dtype) * mean_nc + self.instance_bias.to(dtype))
-        if self.identity_init:
-            attention = attention / _sigmoid(self.instance_bias_init)
-        gamma, beta = self._gamma_beta(dtype)
-        scale = gamma * attention * inv_std
-        shift = beta - scale * mean
+        scale, shift, _ = self._coefficients(x.mean(dim=(2, 3), dtype=dtype), self.running_mean.to(dtype),
+                                             self.running_var.to(dtype), *self._calibration_params())
         return self._scale_shift(x, scale, shift)
 
     def extra_repr(self) -> str:
@@ -399,28 +610,39 @@ class _BlendedStdBase(_CalibratedBase):
         super().reset_running_stats()
         self._reset_extra_tensors()
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def _calibration_params(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.bias,)
+
+    def _batch_coefficients(self, mean_nc, var_nc, plane_size, bias):
+        """(A, B') with ``y = x·A + B'``: y = (x − μ)/σ + β, σ blended with the previous batch's in training."""
+        dtype = mean_nc.dtype
+        mean, var, centered_mean = self._batch_mean_var(mean_nc, var_nc, plane_size)
+        batch_std = (var + self.eps).sqrt_()
+        std, std_grad_factor = batch_std, 1.0  # ∂σ/∂σ_B
+        if self.training:
+            has_prev = self.prev_std > 0
+            prev_std = self.prev_std.to(dtype)
+            blended = torch.lerp(batch_std, prev_std, self.prev_std_weight)  # α·σ_prev + (1 − α)·σ_B
+            std = torch.where(has_prev, blended, batch_std)
+            std_grad_factor = 1.0 - self.prev_std_weight * has_prev.to(dtype)
+            self.prev_std.copy_(batch_std)
+        scale = std.reciprocal()
+        beta = bias.to(dtype) if bias is not None else 0.0
+        return scale, self._affine_shift(beta, scale, mean), (centered_mean, batch_std, std_grad_factor, scale)
+
+    def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
+        centered_mean, batch_std, std_grad_factor, scale = saved
+        grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean).sum(0)  # B = A·u + β depends on A too
+        # A = 1/σ, σ = α·σ_prev + (1 − α)·σ_B (σ_prev constant), σ_B = sqrt(σ² + ε)
+        grad_batch_var = (grad_scale * scale.square()).mul_(std_grad_factor).div_(batch_std).mul_(-0.5)
+        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, centered_mean)
+        return grad_mean_nc, grad_var, (grad_shift.sum(0),)
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._stats_dtype(x)
-        if self._uses_batch_stats():
-            mean_nc, var_nc, count = self._batch_moments(x)
-            mean = mean_nc.mean(0)
-            var = var_nc.mean(0) + (mean_nc - mean).square().mean(0)
-            self._update_running_stats(mean, var, count)
-            batch_std = torch.sqrt(var + self.eps)
-            std = batch_std
-            if self.training:
-                prev_std = self.prev_std.to(dtype, copy=True)  # updated in place below
-                blended = self.prev_std_weight * prev_std + (1.0 - self.prev_std_weight) * batch_std
-                std = torch.where(prev_std > 0, blended, batch_std)
-                with torch.no_grad():
-                    self.prev_std.copy_(batch_std.detach())
-        else:
-            mean = self.running_mean.to(dtype)
-            std = torch.sqrt(self.running_var.to(dtype) + self.eps)
-        scale = 1.0 / std
+        scale = 1.0 / torch.sqrt(self.running_var.to(dtype) + self.eps)
         beta = self.bias.to(dtype) if self.bias is not None else 0.0
-        shift = beta - mean * scale
-        return self._scale_shift(x, scale, shift)
+        return self._scale_shift(x, scale, beta - self.running_mean.to(dtype) * scale)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
