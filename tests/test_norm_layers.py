@@ -762,12 +762,7 @@ def test_train_mode_single_value_per_channel(kind):
     assert layer.eval()(torch.randn(1, C, 1, 1, dtype=torch.float64)).shape == (1, C, 1, 1)
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: with track_running_stats=False the calibrated layers skip the single-value check (it lives in the "
-        "running-statistics update) and silently output ≈β, where nn.BatchNorm2d raises ValueError")))
-    for kind in CALIBRATED
-])
+@pytest.mark.parametrize("kind", CALIBRATED)
 def test_single_value_per_channel_without_running_stats(kind):
     layer = make(kind, track_running_stats=False).train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):

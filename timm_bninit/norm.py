@@ -374,6 +374,10 @@ class _CalibratedBase(BatchNormVariant):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if self.training and count <= 1:  # as nn.BatchNorm2d, whether or not running statistics are tracked
+            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
+                             f"(got batch × H × W = {count}); use a larger batch or call model.eval()")
         y = self.normalize(x)
         if isinstance(self, BatchNormAct2d):
             y = self.act(self.drop(y))
