@@ -98,12 +98,21 @@ def decoded_images(rows: Any) -> list[Any]:
     return _DECODED[key]
 
 
+def transformed_samples(rows: Any, transform: Any) -> list[Any]:
+    """Every image of a split through a deterministic transform, once per process (memoised like the decoding)."""
+    key = f"{getattr(rows, '_fingerprint', None) or id(rows)}|{transform!r}"
+    if key not in _DECODED:
+        _DECODED[key] = [transform(image) for image in decoded_images(rows)]
+    return _DECODED[key]
+
+
 class SeededImageDataset(Dataset):
     """A ``datasets`` split whose transform of sample ``i`` in epoch ``e`` draws from the stream (seed, e, i).
 
     Augmentation is then a pure function of the run seed, the epoch and the index: the same for every method, the
     same with any number of workers, and the same after a resume. ``classes`` keeps a subset of the classes,
-    relabelled 0..k-1 in the given order; ``preload`` decodes every image once instead of on every access.
+    relabelled 0..k-1 in the given order; ``preload`` decodes every image once instead of on every access, and
+    without a seed (a transform that draws nothing) also transforms it once.
     """
 
     def __init__(self, rows: Any, transform: Any, seed: int | None, classes: list[int] | None = None,
@@ -117,12 +126,15 @@ class SeededImageDataset(Dataset):
             self.indices = [i for i, label in enumerate(labels) if label in relabel]
             self.labels = [relabel[labels[i]] for i in self.indices]
         self.images = decoded_images(rows) if preload else None
+        self.prepared = transformed_samples(rows, transform) if preload and seed is None else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.indices[index]
+        if self.prepared is not None:
+            return self.prepared[row], self.labels[index]
         image = self.images[row] if self.images is not None else self.rows[row]["image"].convert("RGB")
         if self.seed is None:
             return self.transform(image), self.labels[index]
