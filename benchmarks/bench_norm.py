@@ -1,0 +1,319 @@
+"""Forward+backward time of the timm-bninit norm layers relative to ``nn.BatchNorm2d`` (a script, not a test).
+
+Shapes are the activations of ResNet-50's four stages at 224 px, (B, 256, 56, 56) … (B, 2048, 7, 7), in training
+mode (batch statistics, running-statistics update) and float32. Every candidate is timed side by side with
+``nn.BatchNorm2d`` in the same run: each round times every candidate once, in a freshly shuffled order, and a
+candidate's ratio is the median over rounds of (its time / BN's time in that round), so machine noise hits all of
+them alike. A second ``nn.BatchNorm2d`` instance is timed as a control: its ratio shows the noise floor, and the
+γ-init variants (which run BN's own kernel) should sit within it.
+
+RBN and IEBN are also compared with a straightforward implementation of the same formulas, written below the way the
+official code does it but out of place (calibrate x → ``F.batch_norm`` without affine → GAP → sigmoid → multiply).
+Before timing, the script asserts that each optimised layer and its straightforward twin agree on the benchmarked
+input (output, input gradient, every parameter gradient, running statistics), with the same non-default parameters.
+
+Example::
+
+    python benchmarks/bench_norm.py                # B = 16, 40 rounds, torch's default thread count
+    python benchmarks/bench_norm.py --threads 1
+    python benchmarks/bench_norm.py --quick        # smoke run: B = 4, 5 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_bninit as tb
+
+# (channels, height = width) of ResNet-50's stage outputs at 224 px
+RESNET50_STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
+
+
+# ---- straightforward implementations of the formulas (REFERENCE §2, §3), for comparison ---------------------------
+
+
+class _Straightforward(nn.BatchNorm2d):
+    def _batch_norm_without_affine(self, x: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None,
+                            self.training or not self.track_running_stats, factor, self.eps)
+
+
+class StraightforwardRBN(_Straightforward):
+    """RBN as the official code computes it, with the centering calibration out of place."""
+
+    def __init__(self, num_features: int, identity_init: bool = False, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.identity_init = identity_init
+        self.centering_weight = nn.Parameter(torch.zeros(num_features))
+        self.scaling_weight = nn.Parameter(torch.zeros(num_features))
+        self.scaling_bias = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.centering_weight.view(1, -1, 1, 1) * F.adaptive_avg_pool2d(x, 1)
+        out = self._batch_norm_without_affine(x)
+        scale = torch.sigmoid(self.scaling_weight.view(1, -1, 1, 1) * F.adaptive_avg_pool2d(out, 1)
+                              + self.scaling_bias.view(1, -1, 1, 1))
+        if self.identity_init:
+            scale = scale / _sigmoid(1.0)
+        return self.weight.view(1, -1, 1, 1) * out * scale + self.bias.view(1, -1, 1, 1)
+
+
+class StraightforwardIEBN(_Straightforward):
+    """IEBN as the official code computes it."""
+
+    def __init__(self, num_features: int, identity_init: bool = False, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.identity_init = identity_init
+        self.instance_weight = nn.Parameter(torch.zeros(num_features))
+        self.instance_bias = nn.Parameter(torch.full((num_features,), -1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = torch.sigmoid(F.adaptive_avg_pool2d(x, 1) * self.instance_weight.view(1, -1, 1, 1)
+                                  + self.instance_bias.view(1, -1, 1, 1))
+        if self.identity_init:
+            attention = attention / _sigmoid(-1.0)
+        out = self._batch_norm_without_affine(x)
+        return out * (self.weight.view(1, -1, 1, 1) * attention) + self.bias.view(1, -1, 1, 1)
+
+
+def _sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))
+
+
+# ---- candidates ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    build: Callable[[int], nn.Module]
+    target: float | None = None  # maximal forward+backward time relative to nn.BatchNorm2d
+    twin: str | None = None  # straightforward implementation it must agree with and is compared against
+
+
+CANDIDATES = (
+    Candidate("BatchNorm2d", nn.BatchNorm2d),
+    Candidate("BatchNorm2d (control)", nn.BatchNorm2d),
+    Candidate("BatchNormGamma2d", tb.BatchNormGamma2d, target=1.02),
+    Candidate("BatchNormUniformGamma2d", tb.BatchNormUniformGamma2d, target=1.02),
+    Candidate("RepresentativeBatchNorm2d", tb.RepresentativeBatchNorm2d, target=1.3, twin="straightforward RBN"),
+    Candidate("RepresentativeBatchNorm2d(identity_init)",
+              lambda c: tb.RepresentativeBatchNorm2d(c, identity_init=True), target=1.3),
+    Candidate("InstanceEnhancementBatchNorm2d", tb.InstanceEnhancementBatchNorm2d, target=1.3,
+              twin="straightforward IEBN"),
+    Candidate("InstanceEnhancementBatchNorm2d(identity_init)",
+              lambda c: tb.InstanceEnhancementBatchNorm2d(c, identity_init=True), target=1.3),
+    Candidate("BlendedStdBatchNorm2d", tb.BlendedStdBatchNorm2d),
+    Candidate("straightforward RBN", StraightforwardRBN),
+    Candidate("straightforward IEBN", StraightforwardIEBN),
+)
+BASELINE = "BatchNorm2d"
+
+# optimised layer -> straightforward twin checked for agreement (timed ones and the identity_init versions)
+AGREEMENT_PAIRS = (
+    (tb.RepresentativeBatchNorm2d, StraightforwardRBN, False),
+    (tb.RepresentativeBatchNorm2d, StraightforwardRBN, True),
+    (tb.InstanceEnhancementBatchNorm2d, StraightforwardIEBN, False),
+    (tb.InstanceEnhancementBatchNorm2d, StraightforwardIEBN, True),
+)
+AGREEMENT_TOL = 1e-4  # max |difference| / max |reference| in float32; the float64 formulas are checked in tests/
+
+
+def randomize_parameters(module: nn.Module, seed: int) -> None:
+    """Non-default values for every parameter so that every calibration term matters (same seed → same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.2 * noise if name == "weight" else 0.5 * noise)
+
+
+def make_activation(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A float32 activation whose per-(sample, channel) means and scales differ, as a conv output's do."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    offset = torch.randn(n, c, 1, 1, generator=gen)
+    scale = 0.5 + torch.rand(n, c, 1, 1, generator=gen)
+    return (offset + scale * torch.randn(shape, generator=gen)).requires_grad_()
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    module(x).backward(grad)
+    return time.perf_counter() - start
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def check_agreement(x: torch.Tensor, grad: torch.Tensor, seed: int) -> float:
+    """Assert each optimised layer equals its straightforward twin on ``x``; return the worst relative error."""
+    worst = 0.0
+    for layer_type, twin_type, identity_init in AGREEMENT_PAIRS:
+        layer = layer_type(x.shape[1], identity_init=identity_init).train()
+        twin = twin_type(x.shape[1], identity_init=identity_init).train()
+        randomize_parameters(layer, seed)
+        randomize_parameters(twin, seed)
+        assert dict(layer.named_parameters()).keys() == dict(twin.named_parameters()).keys()
+        results = []
+        for module in (layer, twin):
+            x.grad = None
+            y = module(x)
+            y.backward(grad)
+            results.append({"output": y.detach(), "input grad": x.grad.clone(),
+                            **{f"{n} grad": p.grad for n, p in module.named_parameters()},
+                            "running_mean": module.running_mean, "running_var": module.running_var})
+            x.grad = None
+        for key, want in results[1].items():
+            error = relative_error(results[0][key], want)
+            assert error <= AGREEMENT_TOL, (f"{layer_type.__name__}(identity_init={identity_init}) disagrees with "
+                                            f"{twin_type.__name__} on {key} at shape {tuple(x.shape)}: "
+                                            f"relative error {error:.2e} > {AGREEMENT_TOL:g}")
+            worst = max(worst, error)
+    return worst
+
+
+def time_shape(shape: tuple[int, ...], repeats: int, warmup: int, seed: int) -> dict[str, list[float]]:
+    """Per candidate, its forward+backward times (s), one per round; every round times every candidate once."""
+    x = make_activation(shape, seed)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    modules = {}
+    for cand in CANDIDATES:
+        module = cand.build(shape[1]).train()
+        randomize_parameters(module, seed)
+        modules[cand.name] = module
+    order = list(modules)
+    shuffle = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for round_index in range(warmup + repeats):
+        shuffle.shuffle(order)
+        for name in order:
+            elapsed = forward_backward(modules[name], x, grad)
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
+    return statistics.median(t / r for t, r in zip(times[name], times[reference]))
+
+
+def best_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """``name``'s fastest round / ``reference``'s fastest round: what is left when other processes only ever add
+    time (a cross-check of the median on a busy machine)."""
+    return min(times[name]) / min(times[reference])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16, help="batch size B of every shape (default 16)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed rounds per shape (default 40)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape first (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: B = 4, 5 rounds, 1 warm-up round")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.repeats, args.warmup = 4, 5, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    shapes = [(args.batch, c, hw, hw) for c, hw in RESNET50_STAGES]
+    threads = torch.get_num_threads()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
+          f"{threads} thread{'s' if threads != 1 else ''}; float32, training mode, forward+backward")
+    print(f"B = {args.batch}; {args.repeats} timed rounds (+{args.warmup} warm-up) per shape, shuffled order; "
+          f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+    results = {}
+    for shape in shapes:
+        worst = check_agreement(make_activation(shape, args.seed),
+                                torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 1)),
+                                args.seed)
+        print(f"  {tuple(shape)}: optimised RBN/IEBN (incl. identity_init) == straightforward, "
+              f"max relative error {worst:.1e}", flush=True)
+        start = time.perf_counter()
+        results[shape] = time_shape(shape, args.repeats, args.warmup, args.seed)
+        print(f"  {tuple(shape)}: timed in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+
+    headers = [f"{c}x{hw}x{hw}" for c, hw in RESNET50_STAGES]
+    width = max(len(c.name) for c in CANDIDATES) + 2
+    line = (f"{'time / nn.BatchNorm2d':<{width}}" + "".join(f"{h:>13}" for h in headers)
+            + f"{'geomean':>9}{'(best)':>8}  target")
+    print(line)
+    print("-" * len(line))
+    print(f"{'nn.BatchNorm2d (ms)':<{width}}"
+          + "".join(f"{statistics.median(results[s][BASELINE]) * 1e3:>13.2f}" for s in shapes))
+    verdicts = []
+    for cand in CANDIDATES[1:]:
+        ratios = [paired_ratio(results[s], cand.name, BASELINE) for s in shapes]
+        overall = geometric_mean(ratios)
+        overall_best = geometric_mean([best_ratio(results[s], cand.name, BASELINE) for s in shapes])
+        verdict = ""
+        if cand.target is not None:
+            met = overall <= cand.target
+            worst_shape = max(ratios)
+            verdict = f"≤ {cand.target:g}: {'met' if met else 'MISSED'}"
+            if met and worst_shape > cand.target:
+                verdict += f" (one shape at {worst_shape:.2f})"
+            verdicts.append((cand.name, cand.target, overall, met))
+        print(f"{cand.name:<{width}}" + "".join(f"{r:>13.3f}" for r in ratios) + f"{overall:>9.3f}"
+              f"{overall_best:>8.3f}  {verdict}")
+
+    print()
+    line = f"{'optimised / straightforward':<{width}}" + "".join(f"{h:>13}" for h in headers) + f"{'geomean':>9}"
+    print(line)
+    print("-" * len(line))
+    for cand in CANDIDATES:
+        if cand.twin is None:
+            continue
+        ratios = [paired_ratio(results[s], cand.name, cand.twin) for s in shapes]
+        print(f"{cand.name:<{width}}" + "".join(f"{r:>13.3f}" for r in ratios) + f"{geometric_mean(ratios):>9.3f}")
+
+    print("\nRatios are medians over rounds of paired (same-round) ratios; (best) is the geometric mean of"
+          " fastest-round ratios.\nTargets (median geometric mean over the four shapes; the control row is the noise"
+          " floor):")
+    for name, target, overall, met in verdicts:
+        print(f"  {name}: {overall:.3f}× BN, target ≤ {target:g}× — {'met' if met else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
