@@ -1,0 +1,63 @@
+"""The study's published numbers are exactly what its command produced: the README's tables are the committed
+reports, and every statistic in them is re-derived here from the committed run summaries with scipy."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from timm_bninit.report import holm
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "study"
+PARTS = ("scratch", "finetune")
+
+
+def _table(markdown: str) -> str:
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("|"))
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_readme_shows_the_committed_report(part):
+    report = (DOCS / part / "report.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert _table(report) and _table(report) in readme, f"README's {part} table differs from docs/study/{part}"
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_report_statistics_rederived_from_summaries(part):
+    summaries = json.loads((DOCS / part / "summaries.json").read_text())
+    assert len({r["seed"] for r in summaries}) == 15
+    values: dict[str, dict[int, float]] = {}
+    for run in summaries:
+        values.setdefault(run["method"], {})[run["seed"]] = run["test_acc_at_best_val"]
+    with open(DOCS / part / "report.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == set(values)
+    seeds = sorted(values["base"])
+    base = [values["base"][s] for s in seeds]
+    others = [m for m in values if m != "base"]
+    p_values = []
+    for method in values:
+        assert sorted(values[method]) == seeds  # complete, paired seed sets
+        new = [values[method][s] for s in seeds]
+        row = rows[method]
+        assert int(row["n"]) == 15
+        assert float(row["mean"]) == pytest.approx(np.mean(new), abs=1e-6)
+        assert float(row["std"]) == pytest.approx(np.std(new, ddof=1), abs=1e-6)
+    for method in others:
+        new = [values[method][s] for s in seeds]
+        p = float(stats.ttest_rel(new, base, alternative="greater").pvalue)
+        p_values.append(p)
+        if math.isnan(p):
+            assert rows[method]["p"] == "nan"
+        else:
+            assert float(rows[method]["p"]) == pytest.approx(p, rel=1e-5)
+    for method, adjusted in zip(others, holm(p_values)):
+        if not math.isnan(adjusted):
+            assert float(rows[method]["p_holm"]) == pytest.approx(adjusted, rel=1e-5)
+            assert (rows[method]["significant"] == "True") == (adjusted <= 0.05)
