@@ -286,3 +286,13 @@ def test_class_subset_preload_and_gamma_init(tiny_data, tmp_path):
         run_finetune({**config, "norm_layer": "rbn"}, tmp_path / "bad", quiet=True)
     with pytest.raises(RunError, match=r"classes \[0, 7\] are not all class indices"):
         run_finetune({**config, "classes": [0, 7]}, tmp_path / "bad2", quiet=True, data_cache_dir=tmp_path / "cache")
+
+
+def test_unreachable_hub_without_local_weights_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = finetune_main(["--recipe", "demo", "--set", "pretrained=true", "--set", "model=test_resnet",
+                          "--run-dir", str(tmp_path / "run"), "--data-cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "pass a local weights file: pretrained_file=PATH" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_hub_code_path_with_a_local_file(weight_files, source_model):
 
 def test_unreachable_hub_says_to_pass_a_file(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="pass a local weights file: pretrained_file=PATH"):
+    with pytest.raises(tb.PretrainedLoadError, match="pass a local weights file: pretrained_file=PATH"):
         tb.create_model("resnet18", "bn_gamma01", pretrained=True)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .convert import check_bn_transfer, convert_norm
 from .norm import BatchNormVariant
-from .pretrained import LoadReport, load_pretrained
+from .pretrained import LoadReport, PretrainedLoadError, load_pretrained
 from .registry import LayerFactory
 
 __all__ = ["create_model", "reapply_norm_init"]
@@ -103,9 +103,10 @@ def create_model(model_name: str, norm_layer: str | LayerFactory | None = None, 
         source_kwargs = {k: v for k, v in kwargs.items() if k in ("in_chans", "features_only", "out_indices")}
         try:
             source = timm.create_model(hub_name, pretrained=True, **source_kwargs, **hub_kwargs)
-        except Exception as error:
-            raise RuntimeError(f"could not fetch pretrained weights for {hub_name!r} from the timm hub ({error}); "
-                               f"without network access pass a local weights file: pretrained_file=PATH") from error
+        except Exception as error:  # offline, unknown tag, hub error: say what to do instead
+            raise PretrainedLoadError(f"could not fetch pretrained weights for {hub_name!r} from the timm hub "
+                                      f"({error}); without network access pass a local weights file: "
+                                      f"pretrained_file=PATH") from error
         report = load_pretrained(model, source.state_dict(), bn_transfer=bn_transfer)
         cfg = getattr(source, "pretrained_cfg", None) or {}
         report.source = f"timm pretrained {cfg.get('file') or cfg.get('hf_hub_id') or hub_name}"
