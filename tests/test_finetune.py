@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,13 @@ def test_pretrained_file_and_transfer_policy_in_a_run(tiny_data, tmp_path):
     source = timm.create_model("test_resnet", num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
     config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma01", bn_transfer="reset", epochs=1,
-                         pretrained_file=str(tmp_path / "weights.pth"))
-    with pytest.warns(tb.BNTransferWarning):
+                         pretrained_file=str(tmp_path / "weights.pth"), precise_bn_batches=0)
+    with pytest.warns(tb.BNTransferWarning):  # nothing re-estimates the stale statistics: say so
         run_finetune(config, tmp_path / "run", quiet=True, data_cache_dir=tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tb.BNTransferWarning)  # the run re-estimates them before every evaluation
+        run_finetune({**config, "precise_bn_batches": 2}, tmp_path / "run2", quiet=True,
+                     data_cache_dir=tmp_path / "cache")
     report = json.loads((tmp_path / "run" / "load_report.json").read_text())
     assert report["bn_transfer"] == "reset" and "fc.weight" in report["initialised"]
     assert any(key.endswith(".weight") and "reset" in why for key, why in report["initialised"].items())
