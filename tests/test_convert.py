@@ -32,7 +32,7 @@ def pretrained_like(arch, seed=0, **kwargs):
 @pytest.mark.parametrize(("arch", "names"), [
     ("resnet18", ("bn_gamma01", "bn_uniform", "rbn_unit", "iebn_unit")),
     ("efficientnet_b0", ("bn_gamma01", "rbn_unit")),
-    ("mobilenetv3_small_050", ("bn_gamma1", "iebn_unit")),
+    ("mobilenetv3_small_050", ("bn_gamma1", "iebn_unit", "rbn_unit")),
     ("vgg11_bn", ("bn_gamma05",)),
     ("dla34", ("rbn_unit",)),
     ("rexnet_100", ("iebn_unit",)),
