@@ -49,15 +49,6 @@ LAYERS = {
 CALIBRATED = ("rbn", "iebn", "blend")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: one thread is faster than several, and does not thrash when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(kind: str, **kwargs) -> nn.BatchNorm2d:
     kwargs = {"eps": EPS, "momentum": MOMENTUM, "dtype": torch.float64, **kwargs}
     return LAYERS[kind](C, **kwargs)

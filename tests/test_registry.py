@@ -43,15 +43,6 @@ CALIBRATED_NAMES = {  # name -> (plain class, fused class, identity_init)
 BUILTIN_NAMES = {*GAMMA_NAMES, *BLEND_NAMES, *CALIBRATED_NAMES, "bn_uniform"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models: one thread is faster than several, and does not thrash when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def restore_registries():
     """Snapshot timm-bninit's and timm's registries; the returned function (also run at teardown) puts them back.
