@@ -12,8 +12,7 @@ Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict key
 
 The calibrating layers (RBN, IEBN, blend) never materialise the normalised tensor: they need only the per-(sample,
 channel) mean m and variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]``
-with small (N, C) tensors A and B. In training, :class:`_PlaneAffineFunction` computes this with as many full passes
-over the activation as BN's own kernels, and a closed-form backward for the small (N, C) part.
+with small (N, C) tensors A and B; the kernels that apply it live beside this file in :mod:`timm_bninit.norm_kernels`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ import math
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
-from torch.autograd.function import once_differentiable
+
+from .norm_kernels import PlaneAffineFunction, plane_affine
 
 __all__ = [
     "BatchNormVariant",
@@ -157,123 +157,6 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
 
 
-# Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
-# contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
-# reduction that are faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
-# devices, low-precision or non-contiguous inputs) the portable tensor ops do the same.
-_VARIANCE_CHUNK_ELEMENTS = 1 << 20  # on CPU, x − m exists one cache-sized chunk at a time
-
-
-def _plane(values: torch.Tensor) -> torch.Tensor:
-    """(N, C) or (C,) per-plane values as a tensor that broadcasts against (N, C, H, W)."""
-    return values[..., None, None]
-
-
-def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
-               for t in tensors)
-
-
-def _planes_view(x: torch.Tensor) -> torch.Tensor:
-    return x.view(1, x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
-
-
-def _plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-plane mean and biased variance, two-pass (Σ(x − m)² after m, as BN computes it: no cancellation).
-
-    ``torch.var_mean`` would do this in one call but is several times slower than BN's whole forward on CPU.
-    """
-    mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
-    batch, mean = x.shape[0], _plane(mean_nc)
-    step = batch
-    if x.device.type == "cpu":
-        step = max(1, min(batch, _VARIANCE_CHUNK_ELEMENTS // max(1, x[0].numel())))
-    if step == batch:
-        norm_nc = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=stats_dtype)
-    else:
-        buffer = torch.empty_like(x[:step], dtype=stats_dtype)
-        norm_nc = torch.empty_like(mean_nc)
-        for start in range(0, batch, step):
-            stop = min(start + step, batch)
-            chunk = torch.sub(x[start:stop], mean[start:stop], out=buffer[:stop - start])
-            torch.linalg.vector_norm(chunk, dim=(2, 3), out=norm_nc[start:stop])
-    return mean_nc, norm_nc.square_().div_(x.shape[2] * x.shape[3])
-
-
-def _plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x·scale + shift`` with per-plane (N, C) or per-channel (C,) scale and shift, in one elementwise pass
-    computed in their dtype and stored in x's."""
-    if _uses_plane_kernels(x) and scale.dtype == x.dtype:
-        planes = x.shape[0] * x.shape[1]
-        scale, shift = scale.expand(x.shape[:2]).reshape(planes), shift.expand(x.shape[:2]).reshape(planes)
-        ones, unused = torch.ones(planes, dtype=x.dtype), torch.empty(0, dtype=x.dtype)
-        y = torch.empty_like(x)  # written through the planes view, so that y itself is not a view (in-place ReLU)
-        # eval-mode BN with mean 0, var 1, ε = 0 computes exactly x·weight + bias
-        torch.ops.aten.native_batch_norm.out(_planes_view(x), scale, shift, torch.zeros_like(ones), ones, False, 0.0,
-                                             0.0, out=_planes_view(y), save_mean=unused, save_invstd=unused.clone())
-        return y
-    return torch.addcmul(_plane(shift), x, _plane(scale), out=torch.empty_like(x))
-
-
-def _plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-plane Σdy and Σdy·(x − m), in m's dtype."""
-    if _uses_plane_kernels(grad_y, x) and mean_nc.dtype == x.dtype:
-        planes = x.shape[0] * x.shape[1]
-        # eval-mode BN backward with mean m, var 1, ε = 0 returns (Σdy·(x − m), Σdy) per plane in one fused pass
-        _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            _planes_view(grad_y), _planes_view(x), None, mean_nc.reshape(planes), torch.ones(planes, dtype=x.dtype),
-            None, None, False, 0.0, [False, True, True])
-        return total.view_as(mean_nc), dot.view_as(mean_nc)
-    centered = x - _plane(mean_nc)
-    return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
-
-
-class _PlaneAffineFunction(torch.autograd.Function):
-    """Training-mode forward and backward of a calibrated layer, ``y = x·A + B'`` where the per-plane (N, C) or
-    per-channel (C,) A and B' are functions of the per-(sample, channel) mean m and biased variance v of ``x`` over
-    H×W and of the layer's parameters (``layer._batch_coefficients``), back-propagated in closed form by
-    ``layer._batch_coefficients_backward``.
-
-    Why: autograd through ``var_mean`` + ``addcmul`` plus a graph of ~30 small ops cost 3.5-4× BN's forward+backward
-    time on CPU. Here the activation-sized work is close to BN's: forward m, then Σ(x − m)², then y; backward Σdy and
-    Σdy·(x − m) in one fused pass, then dx = A·dy + P·x + Q with per-plane P and Q (two passes). The (N, C)-sized
-    work is a few dozen tensor ops without autograd bookkeeping. Not twice differentiable, and (like BN's running
-    statistics update) not usable under ``torch.func`` transforms.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: _CalibratedBase, *params: torch.Tensor | None) -> torch.Tensor:
-        mean_nc, var_nc = _plane_moments(x, torch.promote_types(x.dtype, torch.float32))
-        values = tuple(None if p is None else p.detach() for p in params)  # plain tensors: no Parameter dispatch
-        scale, shift, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
-        ctx.save_for_backward(x)
-        ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
-        return _plane_affine(x, scale, shift)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        mean_nc, scale = ctx.mean_nc, ctx.scale
-        plane_size = x.shape[2] * x.shape[3]
-        # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
-        grad_shift, grad_scale = _plane_grad_sums(grad_y, x, mean_nc)
-        grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which
-            # enters both A, B and x − m (the latter contributes −A·Σdy):
-            # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
-            coef_x = grad_var * (2.0 / plane_size)
-            coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
-            grad_x = _plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
-            grad_x.addcmul_(x, _plane(coef_x))
-        param_grads = tuple(grad.to(dtype) if needed else None
-                            for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:]))
-        return (grad_x, None, *param_grads)
-
-
 class _CalibratedBase(BatchNormVariant):
     """Forward machinery shared by RBN, IEBN and the blended-σ layer."""
 
@@ -313,15 +196,6 @@ class _CalibratedBase(BatchNormVariant):
             unbiased = var.detach() * (count / (count - 1))
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-
-    @staticmethod
-    def _scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """``x · scale + shift`` with (N, C) or (C,) scale and shift, in one elementwise pass."""
-        if scale.dim() == 1:
-            scale, shift = scale[None], shift[None]
-        scale = scale.to(x.dtype)[:, :, None, None]
-        shift = shift.to(x.dtype)[:, :, None, None]
-        return torch.addcmul(shift, x, scale)
 
     @staticmethod
     def _gamma_beta(weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -369,7 +243,7 @@ class _CalibratedBase(BatchNormVariant):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
-            return _PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            return PlaneAffineFunction.apply(x, self, *self._calibration_params())
         return self._normalize_with_running_stats(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -474,7 +348,7 @@ class _RBNBase(_CalibratedBase):
         mean_nc = x.mean(dim=(2, 3), dtype=dtype)
         centered_mean = mean_nc * (1.0 + params[2].to(dtype)) - self.running_mean.to(dtype)
         scale, shift, _ = self._coefficients(mean_nc, centered_mean, self.running_var.to(dtype), *params)
-        return self._scale_shift(x, scale, shift)
+        return plane_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, identity_init={self.identity_init}"
@@ -556,7 +430,7 @@ class _IEBNBase(_CalibratedBase):
         dtype = self._stats_dtype(x)
         scale, shift, _ = self._coefficients(x.mean(dim=(2, 3), dtype=dtype), self.running_mean.to(dtype),
                                              self.running_var.to(dtype), *self._calibration_params())
-        return self._scale_shift(x, scale, shift)
+        return plane_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, identity_init={self.identity_init}"
@@ -646,7 +520,7 @@ class _BlendedStdBase(_CalibratedBase):
         dtype = self._stats_dtype(x)
         scale = 1.0 / torch.sqrt(self.running_var.to(dtype) + self.eps)
         beta = self.bias.to(dtype) if self.bias is not None else 0.0
-        return self._scale_shift(x, scale, beta - self.running_mean.to(dtype) * scale)
+        return plane_affine(x, scale, beta - self.running_mean.to(dtype) * scale)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -1,4 +1,4 @@
-"""Tests of the hand-written training-mode forward/backward of the calibrating layers (``_PlaneAffineFunction``).
+"""Tests of the calibrating layers' hand-written training-mode forward/backward (``norm_kernels.PlaneAffineFunction``).
 
 The layers compute ``y = x·A + B'`` from per-(sample, channel) moments with BN's own CPU kernels on contiguous float
 inputs and portable tensor ops otherwise, and back-propagate the small (N, C) part in closed form. These tests check
@@ -23,8 +23,8 @@ from timm_bninit import (
     InstanceEnhancementBatchNormAct2d,
     RepresentativeBatchNorm2d,
     RepresentativeBatchNormAct2d,
+    norm_kernels,
 )
-from timm_bninit import norm as norm_module
 
 C = 3
 EPS = 1e-3
@@ -168,7 +168,7 @@ def test_matches_formula_float64(kind, case, monkeypatch):
     if case == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     elif case == "chunked":
-        monkeypatch.setattr(norm_module, "_VARIANCE_CHUNK_ELEMENTS", x[0].numel() + 1)  # one sample per chunk
+        monkeypatch.setattr(norm_kernels, "_VARIANCE_CHUNK_ELEMENTS", x[0].numel() + 1)  # one sample per chunk
     elif case == "expanded_grad":
         grad = torch.tensor(0.7, dtype=torch.float64).expand(x.shape)  # as y.sum().backward() passes it
     params = list(layer.parameters())

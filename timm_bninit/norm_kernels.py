@@ -1,0 +1,137 @@
+"""Per-(sample, channel) plane kernels of the calibrating norm layers (RBN, IEBN, blended-σ), beside the layers in
+:mod:`timm_bninit.norm` as timm keeps ``fast_norm.py`` beside ``norm.py``.
+
+The calibrating layers never materialise the normalised tensor: they need only the per-(sample, channel) mean m and
+variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]`` with small (N, C)
+tensors A and B. In training, :class:`PlaneAffineFunction` computes this with as many full passes over the
+activation as BN's own kernels, and a closed-form backward for the small (N, C) part, which the layer supplies
+(``_batch_coefficients`` / ``_batch_coefficients_backward``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["PlaneAffineFunction", "plane", "plane_affine", "plane_grad_sums", "plane_moments"]
+
+# Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
+# contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
+# reduction that are faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
+# devices, low-precision or non-contiguous inputs) the portable tensor ops do the same.
+_VARIANCE_CHUNK_ELEMENTS = 1 << 20  # on CPU, x − m exists one cache-sized chunk at a time
+
+
+def plane(values: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (C,) per-plane values as a tensor that broadcasts against (N, C, H, W)."""
+    return values[..., None, None]
+
+
+def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+               for t in tensors)
+
+
+def _planes_view(x: torch.Tensor) -> torch.Tensor:
+    return x.view(1, x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-plane mean and biased variance, two-pass (Σ(x − m)² after m, as BN computes it: no cancellation).
+
+    ``torch.var_mean`` would do this in one call but is several times slower than BN's whole forward on CPU.
+    """
+    mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
+    batch, mean = x.shape[0], plane(mean_nc)
+    step = batch
+    if x.device.type == "cpu":
+        step = max(1, min(batch, _VARIANCE_CHUNK_ELEMENTS // max(1, x[0].numel())))
+    if step == batch:
+        norm_nc = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=stats_dtype)
+    else:
+        buffer = torch.empty_like(x[:step], dtype=stats_dtype)
+        norm_nc = torch.empty_like(mean_nc)
+        for start in range(0, batch, step):
+            stop = min(start + step, batch)
+            chunk = torch.sub(x[start:stop], mean[start:stop], out=buffer[:stop - start])
+            torch.linalg.vector_norm(chunk, dim=(2, 3), out=norm_nc[start:stop])
+    return mean_nc, norm_nc.square_().div_(x.shape[2] * x.shape[3])
+
+
+def plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x·scale + shift`` with per-plane (N, C) or per-channel (C,) scale and shift, in one elementwise pass
+    computed in their dtype and stored in x's. With autograd recording (eval mode with trainable parameters) it is
+    one differentiable ``addcmul`` in x's dtype instead: the fused kernels write through ``out=``."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        return torch.addcmul(plane(shift.to(x.dtype)), x, plane(scale.to(x.dtype)))
+    if _uses_plane_kernels(x) and scale.dtype == x.dtype:
+        planes = x.shape[0] * x.shape[1]
+        scale, shift = scale.expand(x.shape[:2]).reshape(planes), shift.expand(x.shape[:2]).reshape(planes)
+        ones, unused = torch.ones(planes, dtype=x.dtype), torch.empty(0, dtype=x.dtype)
+        y = torch.empty_like(x)  # written through the planes view, so that y itself is not a view (in-place ReLU)
+        # eval-mode BN with mean 0, var 1, ε = 0 computes exactly x·weight + bias
+        torch.ops.aten.native_batch_norm.out(_planes_view(x), scale, shift, torch.zeros_like(ones), ones, False, 0.0,
+                                             0.0, out=_planes_view(y), save_mean=unused, save_invstd=unused.clone())
+        return y
+    return torch.addcmul(plane(shift), x, plane(scale), out=torch.empty_like(x))
+
+
+def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-plane Σdy and Σdy·(x − m), in m's dtype."""
+    if _uses_plane_kernels(grad_y, x) and mean_nc.dtype == x.dtype:
+        planes = x.shape[0] * x.shape[1]
+        # eval-mode BN backward with mean m, var 1, ε = 0 returns (Σdy·(x − m), Σdy) per plane in one fused pass
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            _planes_view(grad_y), _planes_view(x), None, mean_nc.reshape(planes), torch.ones(planes, dtype=x.dtype),
+            None, None, False, 0.0, [False, True, True])
+        return total.view_as(mean_nc), dot.view_as(mean_nc)
+    centered = x - plane(mean_nc)
+    return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
+
+
+class PlaneAffineFunction(torch.autograd.Function):
+    """Training-mode forward and backward of a calibrated layer, ``y = x·A + B'`` where the per-plane (N, C) or
+    per-channel (C,) A and B' are functions of the per-(sample, channel) mean m and biased variance v of ``x`` over
+    H×W and of the layer's parameters (``layer._batch_coefficients``), back-propagated in closed form by
+    ``layer._batch_coefficients_backward``.
+
+    Why: autograd through ``var_mean`` + ``addcmul`` plus a graph of ~30 small ops cost 3.5-4× BN's forward+backward
+    time on CPU. Here the activation-sized work is close to BN's: forward m, then Σ(x − m)², then y; backward Σdy and
+    Σdy·(x − m) in one fused pass, then dx = A·dy + P·x + Q with per-plane P and Q (two passes). The (N, C)-sized
+    work is a few dozen tensor ops without autograd bookkeeping. Not twice differentiable, and (like BN's running
+    statistics update) not usable under ``torch.func`` transforms.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
+        mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+        values = tuple(None if p is None else p.detach() for p in params)  # plain tensors: no Parameter dispatch
+        scale, shift, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
+        return plane_affine(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        mean_nc, scale = ctx.mean_nc, ctx.scale
+        plane_size = x.shape[2] * x.shape[3]
+        # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
+        grad_shift, grad_scale = plane_grad_sums(grad_y, x, mean_nc)
+        grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which
+            # enters both A, B and x − m (the latter contributes −A·Σdy):
+            # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
+            coef_x = grad_var * (2.0 / plane_size)
+            coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
+            grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
+            grad_x.addcmul_(x, plane(coef_x))
+        param_grads = tuple(grad.to(dtype) if needed else None
+                            for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:]))
+        return (grad_x, None, *param_grads)
