@@ -1,0 +1,150 @@
+"""Power of the paired design, checked against scipy's noncentral t and t evaluated here by hand, formulas written
+out in the tests, and published G*Power figures."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from timm_bninit.experiment.power import (
+    PowerInputError,
+    minimum_detectable_effect,
+    paired_difference,
+    paired_t_power,
+    power_summary,
+    seeds_needed,
+)
+
+
+def nct_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """The power formula written out once more, independently of the module: P(T' > t_{1-α,n-1})."""
+    return stats.nct.sf(stats.t.ppf(1 - alpha, n - 1), n - 1, effect * math.sqrt(n) / sd)
+
+
+def test_paired_difference_on_written_out_numbers():
+    new = [91.0, 90.0, 92.5, 89.5, 90.5]
+    base = [90.0, 90.5, 91.0, 89.0, 89.0]
+    # differences 1.0, -0.5, 1.5, 0.5, 1.5: mean 0.8, squared deviations 0.04+1.69+0.49+0.09+0.49 = 2.8
+    summary = paired_difference(new, base)
+    assert summary.n == 5
+    assert summary.mean_diff == pytest.approx(0.8, abs=1e-12)
+    assert summary.sd_diff == pytest.approx(math.sqrt(2.8 / 4), abs=1e-12)
+    half = 2.7764451051977987 * math.sqrt(0.7) / math.sqrt(5)  # t_{0.975, 4} from a table is 2.776
+    assert stats.t.ppf(0.975, 4) == pytest.approx(2.7764451051977987, abs=1e-12)
+    assert summary.ci_low == pytest.approx(0.8 - half, abs=1e-12)
+    assert summary.ci_high == pytest.approx(0.8 + half, abs=1e-12)
+    assert summary.ci_low == pytest.approx(-0.2388, abs=1e-4) and summary.ci_high == pytest.approx(1.8388, abs=1e-4)
+    # t = 0.8 / (sqrt(0.7)/sqrt(5)) and its one-sided p, and exactly scipy's paired test
+    assert summary.t == pytest.approx(0.8 / math.sqrt(0.7 / 5), abs=1e-12)
+    assert summary.p == pytest.approx(stats.t.sf(0.8 / math.sqrt(0.7 / 5), 4), rel=1e-12)
+    assert summary.p == stats.ttest_rel(new, base, alternative="greater").pvalue
+
+
+def test_paired_difference_p_matches_scipy_on_random_pairs():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 15):
+        base = rng.normal(80, 2, n)
+        new = base + rng.normal(0.3, 1, n)
+        summary = paired_difference(list(new), list(base))
+        assert summary.p == stats.ttest_rel(new, base, alternative="greater").pvalue
+        assert summary.mean_diff == pytest.approx(float(np.mean(new - base)), abs=1e-12)
+        interval = stats.t.interval(0.95, n - 1, loc=np.mean(new - base), scale=stats.sem(new - base))
+        assert (summary.ci_low, summary.ci_high) == pytest.approx(interval, abs=1e-10)
+
+
+@pytest.mark.parametrize("sd,n", [(1.0, 2), (0.7, 3), (1.3, 5), (0.45, 15), (2.0, 40)])
+def test_mde_has_exactly_the_target_power(sd, n):
+    mde = minimum_detectable_effect(sd, n)
+    assert nct_power(mde, sd, n) == pytest.approx(0.8, abs=1e-6)
+    assert nct_power(0.99 * mde, sd, n) < 0.8
+    assert nct_power(1.01 * mde, sd, n) > 0.8
+    # the normal approximation (z_{1-α} + z_power)·σ/√n ignores the t's heavier tails, so it is below the exact MDE
+    assert mde > (stats.norm.ppf(0.95) + stats.norm.ppf(0.8)) * sd / math.sqrt(n)
+
+
+def test_mde_other_levels_and_scale():
+    mde = minimum_detectable_effect(1.0, 15, alpha=0.01, power=0.9)
+    assert nct_power(mde, 1.0, 15, alpha=0.01) == pytest.approx(0.9, abs=1e-6)
+    # δ scales with σ: the noncentrality δ√n/σ solved for depends on n, α and power only
+    assert minimum_detectable_effect(3.0, 15) == pytest.approx(3 * minimum_detectable_effect(1.0, 15), rel=1e-9)
+
+
+@pytest.mark.parametrize("effect,sd", [(0.5, 1.0), (1.0, 0.8), (0.2, 1.5), (2.0, 1.0), (0.05, 1.0)])
+def test_seeds_needed_is_the_smallest_n_with_the_target_power(effect, sd):
+    n = seeds_needed(effect, sd)
+    assert n is not None and n >= 2
+    assert nct_power(effect, sd, n) >= 0.8
+    if n > 2:
+        assert nct_power(effect, sd, n - 1) < 0.8
+    normal_n = ((stats.norm.ppf(0.95) + stats.norm.ppf(0.8)) * sd / effect) ** 2
+    assert normal_n <= n  # the normal approximation needs fewer seeds than the exact t test
+    if normal_n > 10:
+        assert n <= 1.1 * normal_n + 2  # ... but not many fewer once n is moderate
+
+
+def test_published_gpower_figures():
+    # G*Power, paired (one-sample) t: d = 0.5, one tailed, α = 0.05, power 0.8 → n = 27 with actual power 0.8118
+    assert seeds_needed(0.5, 1.0) == 27
+    assert nct_power(0.5, 1.0, 27) == pytest.approx(0.8118, abs=1e-4)
+    # Two tailed at α = 0.05 (upper rejection region α/2; the lower one adds < 1e-3 here): d = 0.5 → 34,
+    # d = 1 → 10 (UCLA OARC "Power analysis for paired sample t-test", its example 1: mean 5, sd 5)
+    assert seeds_needed(0.5, 1.0, alpha=0.025) == 34
+    assert seeds_needed(5.0, 5.0, alpha=0.025) == 10
+    # Wuensch, "G*Power: t Tests": one sample, d = 1/3, n = 25, two tailed, α = 0.05 → power 0.360
+    lower_tail = stats.nct.cdf(-stats.t.ppf(0.975, 24), 24, 5 / 3)
+    assert paired_t_power(1 / 3, 1.0, 25, alpha=0.025) + lower_tail == pytest.approx(0.360, abs=5e-4)
+
+
+def test_seeds_needed_when_nothing_reaches_the_power():
+    assert seeds_needed(0.0, 1.0) is None
+    assert seeds_needed(-0.4, 1.0) is None
+    assert seeds_needed(0.01, 1.0, max_n=100) is None  # needs about 62,000 seeds
+    assert nct_power(0.01, 1.0, 100) < 0.8
+    assert seeds_needed(6.0, 1.0) == 2  # n = 2 detects 5.79 σ with 80% power (df = 1 has heavy tails)
+    assert nct_power(6.0, 1.0, 2) >= 0.8
+    assert seeds_needed(5.0, 1.0) == 3 and nct_power(5.0, 1.0, 2) < 0.8 <= nct_power(5.0, 1.0, 3)
+
+
+def test_paired_t_power_at_zero_effect_is_alpha():
+    assert paired_t_power(0.0, 1.0, 10) == pytest.approx(0.05, abs=1e-12)
+    assert paired_t_power(0.7, 1.2, 9) == pytest.approx(nct_power(0.7, 1.2, 9), abs=1e-15)
+
+
+def test_power_summary_fields():
+    new = [91.0, 90.0, 92.5, 89.5, 90.5]
+    base = [90.0, 90.5, 91.0, 89.0, 89.0]
+    summary = power_summary(new, base)
+    sd = math.sqrt(0.7)
+    assert (summary.mean_diff, summary.n, summary.sd_diff) == (pytest.approx(0.8), 5, pytest.approx(sd))
+    assert summary.p == stats.ttest_rel(new, base, alternative="greater").pvalue
+    assert nct_power(summary.mde, sd, 5) == pytest.approx(0.8, abs=1e-6)
+    needed = summary.n_needed_for_observed
+    assert nct_power(0.8, sd, needed) >= 0.8 > nct_power(0.8, sd, needed - 1)
+    assert (summary.alpha, summary.power) == (0.05, 0.8)
+
+
+def test_power_summary_undefined_cases():
+    worse = power_summary([89.0, 90.0, 88.0], [90.0, 90.5, 89.0])
+    assert worse.mean_diff < 0 and worse.n_needed_for_observed is None and worse.mde > 0
+    identical = power_summary([90.0, 91.0, 92.0], [90.0, 91.0, 92.0])
+    assert identical.sd_diff == 0 and math.isnan(identical.mde) and identical.n_needed_for_observed is None
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: paired_difference([1.0], [2.0]), "number of pairs must be an integer ≥ 2"),
+    (lambda: paired_difference([1.0, 2.0, 3.0], [1.0, 2.0]), "one value per seed on each side"),
+    (lambda: paired_difference([1.0, float("nan")], [1.0, 2.0]), "must be finite"),
+    (lambda: paired_difference(["a", "b"], [1.0, 2.0]), "must be numbers"),
+    (lambda: minimum_detectable_effect(0.0, 10), "must be a positive finite number, got 0.0"),
+    (lambda: minimum_detectable_effect(1.0, 1), "n must be an integer ≥ 2"),
+    (lambda: minimum_detectable_effect(1.0, 10, power=0.04), r"power must be in \(alpha=0.05, 1\)"),
+    (lambda: minimum_detectable_effect(1.0, 10, alpha=1.5), r"alpha must be in \(0, 1\)"),
+    (lambda: seeds_needed(0.5, -1.0), "positive finite number"),
+    (lambda: seeds_needed(0.5, 1.0, max_n=1), "max_n must be an integer ≥ 2"),
+    (lambda: seeds_needed(float("inf"), 1.0), "effect must be a finite number"),
+])
+def test_bad_input_is_refused_with_a_clear_message(call, message):
+    with pytest.raises(PowerInputError, match=message):
+        call()
+    assert issubclass(PowerInputError, ValueError)
