@@ -3,7 +3,7 @@
 Compared side by side in one run, on the same model (same norm variant), optimizer, batch size, image size and
 number of optimisation steps, with the same torch thread count in the training process:
 
-* **pipeline**: :func:`timm_bninit.finetune.run_finetune` on an imagefolder tree of JPEGs this script writes once
+* **pipeline**: :func:`timm_bninit.experiment.train.run_finetune` on an imagefolder tree of JPEGs this script writes
   into a temporary folder (so every step decodes and augments real files), at each ``num_workers`` asked for. Its
   images/s is the one the run itself records: training images over the seconds of the epochs' training loops
   (``metrics.jsonl`` per epoch, ``final.json`` overall), which exclude evaluation and checkpointing.
@@ -61,17 +61,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from timm_bninit import finetune
 from timm_bninit.data import load_image_dataset
-from timm_bninit.finetune import (
-    EpochShuffleSampler,
-    SeededImageDataset,
-    build_transforms,
-    rng_scope,
-    run_finetune,
-    seed_for,
-)
-from timm_bninit.recipe import load_recipe
+from timm_bninit.experiment import train as finetune
+from timm_bninit.experiment.loaders import EpochShuffleSampler, SeededImageDataset, build_transforms
+from timm_bninit.experiment.recipe import load_recipe
+from timm_bninit.experiment.seeding import rng_scope, seed_for
+from timm_bninit.experiment.train import run_finetune
 
 PIPELINE_TARGET = 0.9  # the issue's target: pipeline images/s ≥ 0.9 × the bare loop's
 TIMM_TRAIN_PY = ("not measured: timm's train.py is not shipped in timm's PyPI wheel or sdist (checked with "

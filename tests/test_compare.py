@@ -15,11 +15,11 @@ import yaml
 from fake_datasets import make_imagefolder
 from scipy import stats
 
-from timm_bninit.cli import compare_main
-from timm_bninit.compare import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
-from timm_bninit.recipe import RecipeError
+from timm_bninit.experiment.cli import compare_main
+from timm_bninit.experiment.recipe import RecipeError
+from timm_bninit.experiment.report import IncompleteSweepError, holm, load_sweep, summarise
+from timm_bninit.experiment.sweep import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
 from timm_bninit.registry import UnknownNormLayerError
-from timm_bninit.report import IncompleteSweepError, holm, load_sweep, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 

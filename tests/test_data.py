@@ -569,7 +569,7 @@ def test_imagefolder_with_test_only_class_is_an_error(tmp_path, cache):
 
 
 def test_unknown_names_and_conflicting_arguments_are_explained(tmp_path):
-    with pytest.raises(DatasetError, match=r"unknown data set 'cubb'.*did you mean 'cub'.*known: cub, cars, digits"):
+    with pytest.raises(DatasetError, match=r"unknown data set 'cubb'.*Did you mean 'cub'.*known: cub, cars, digits"):
         resolve_source("cubb")
     with pytest.raises(DatasetError, match="'imagefolder' needs data_dir"):
         resolve_source("imagefolder")

@@ -17,17 +17,14 @@ from fake_datasets import make_imagefolder
 from timm.data import create_transform
 
 import timm_bninit as tb
-from timm_bninit.cli import finetune_main
 from timm_bninit.data import DatasetError, load_image_dataset
-from timm_bninit.finetune import (
-    EpochShuffleSampler,
-    RunError,
-    SeededImageDataset,
-    build_model,
-    run_finetune,
-    seed_for,
-)
-from timm_bninit.recipe import DEFAULTS, RecipeError, apply_overrides, load_recipe
+from timm_bninit.experiment.cli import finetune_main
+from timm_bninit.experiment.layout import RunError
+from timm_bninit.experiment.loaders import EpochShuffleSampler, SeededImageDataset
+from timm_bninit.experiment.model import build_model
+from timm_bninit.experiment.recipe import DEFAULTS, RecipeError, apply_overrides, load_recipe
+from timm_bninit.experiment.seeding import seed_for
+from timm_bninit.experiment.train import run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +51,7 @@ def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
     assert config["lr"] == 0.001 and isinstance(config["lr"], float)
     assert config["norm_layer"] == "rbn" and config["epochs"] == 3 and config["gamma_lr_div"] == 50
     assert config["ema"] is True
-    with pytest.raises(RecipeError, match="unknown recipe key 'weight_decy'. Did you mean weight_decay"):
+    with pytest.raises(RecipeError, match="unknown recipe key 'weight_decy'. Did you mean 'weight_decay'"):
         apply_overrides(config, ["weight_decy=0.1"])
     with pytest.raises(RecipeError, match="Valid keys: .*augmentation.*weight_decay"):
         apply_overrides(config, ["nope=1"])
@@ -66,13 +63,13 @@ def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
         load_recipe("cubb")
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 2\nbatchsize: 3\n")
-    with pytest.raises(RecipeError, match="unknown recipe key 'batchsize'. Did you mean batch_size"):
+    with pytest.raises(RecipeError, match="unknown recipe key 'batchsize'. Did you mean 'batch_size'"):
         load_recipe(bad)
 
 
 def test_every_shipped_recipe_loads_with_known_keys():
     names = tb.recipe.list_recipes() if hasattr(tb, "recipe") else []
-    from timm_bninit.recipe import list_recipes
+    from timm_bninit.experiment.recipe import list_recipes
 
     names = list_recipes()
     assert {"demo", "cub", "cars", "cub_scratch", "cars_scratch", "cifar10", "cifar100"} <= set(names)
@@ -164,7 +161,7 @@ def test_errors_come_before_any_training(tiny_data, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert finetune_main(["--recipe", "demo", "--set", "model=resnet5O", "--run-dir", str(tmp_path / "a"),
                           "--data-cache-dir", cache]) == 2
-    assert "unknown timm model 'resnet5O'. Did you mean resnet50" in capsys.readouterr().err
+    assert "unknown timm model 'resnet5O'. Did you mean 'resnet50'" in capsys.readouterr().err
     assert finetune_main(["--recipe", "demo", "--set", "dataset=cub", "--data-dir", str(tmp_path / "nowhere"),
                           "--run-dir", str(tmp_path / "b"), "--data-cache-dir", cache]) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import yaml
 from fake_datasets import make_imagefolder
 from scipy import stats
 
-from timm_bninit.recipe import RecipeError
-from timm_bninit.study import load_protocol, run_study
+from timm_bninit.experiment.recipe import RecipeError
+from timm_bninit.experiment.study import load_protocol, run_study
 
 
 def test_tiny_study_end_to_end(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from timm_bninit.report import holm
+from timm_bninit.experiment.report import holm
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "study"

@@ -24,12 +24,18 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import STALE_STATISTICS, BNInitError
 from .norm import BatchNormVariant
 from .registry import LayerFactory, fused_twin, resolve_norm_layer
 
-__all__ = ["BN_TRANSFER_POLICIES", "BNTransferWarning", "convert_norm", "recalibrate_bn_stats", "transfer_gamma"]
+__all__ = ["BN_TRANSFER_POLICIES", "BNTransferWarning", "UnknownPolicyError", "convert_norm", "recalibrate_bn_stats",
+           "transfer_gamma"]
 
 BN_TRANSFER_POLICIES = ("keep", "reset", "scale")
+
+
+class UnknownPolicyError(BNInitError, ValueError):
+    """A ``bn_transfer`` policy that does not exist; the message lists the policies."""
 
 
 class BNTransferWarning(UserWarning):
@@ -38,7 +44,8 @@ class BNTransferWarning(UserWarning):
 
 def check_bn_transfer(bn_transfer: str) -> None:
     if bn_transfer not in BN_TRANSFER_POLICIES:
-        raise ValueError(f"unknown bn_transfer {bn_transfer!r}; choose one of {', '.join(BN_TRANSFER_POLICIES)}")
+        raise UnknownPolicyError(f"unknown bn_transfer {bn_transfer!r}; choose one of "
+                                 f"{', '.join(BN_TRANSFER_POLICIES)}")
 
 
 def transfer_gamma(pretrained_gamma: torch.Tensor, layer: nn.Module, bn_transfer: str) -> torch.Tensor | None:
@@ -179,10 +186,9 @@ def convert_norm(model: nn.Module, norm_layer: str | LayerFactory, bn_transfer: 
         if calibration_batches is not None:
             recalibrate_bn_stats(model, calibration_batches)
         else:
-            warnings.warn(f"bn_transfer={bn_transfer!r} changed γ in {len(changed)} norm layers, so the running "
-                          f"statistics of later layers no longer match their inputs; recalibrate them with "
-                          f"timm_bninit.recalibrate_bn_stats(model, train_batches) (or pass calibration_batches) "
-                          f"before evaluating", BNTransferWarning, stacklevel=2)
+            warnings.warn(STALE_STATISTICS.format(policy=bn_transfer, count=len(changed),
+                                                  extra=" (or pass calibration_batches)"),
+                          BNTransferWarning, stacklevel=2)
     return model
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .convert import BNTransferWarning, check_bn_transfer, transfer_gamma
+from .errors import STALE_STATISTICS, BNInitError
+from .gammas import bn_gammas, gammaless_norms
 from .norm import BatchNormVariant
 
 __all__ = ["LoadReport", "PretrainedLoadError", "load_state_dict_file", "load_pretrained", "WEIGHT_SUFFIXES"]
@@ -25,7 +26,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "state_dic
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-class PretrainedLoadError(ValueError):
+class PretrainedLoadError(BNInitError, ValueError):
     """A weights file that cannot be used; the message says what was wrong and what to do."""
 
 
@@ -118,14 +119,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _bn_gamma_owners(model: nn.Module) -> dict[str, nn.Module]:
     """State-dict key of every BN γ -> its module."""
-    return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm) and isinstance(getattr(module, "weight", None), nn.Parameter)}
+    return {f"{name}.weight" if name else "weight": module for name, module, _ in bn_gammas(model)}
 
 
 def _gammaless_keys(model: nn.Module) -> set[str]:
     """γ keys a standard BN checkpoint has for layers that have no γ (the blended-σ BN)."""
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, _BatchNorm) and not isinstance(getattr(module, "weight", None), nn.Parameter)}
+    return {f"{name}.weight" for name, _ in gammaless_norms(model)}
 
 
 def _init_note(key: str, model: nn.Module) -> str:
@@ -195,9 +194,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, t
     assert not unexpected, f"internal error: unexpected keys {unexpected}"  # every key was matched above
     changed = [k for k, v in report.transferred.items() if v != "scaled by γ0=1"]
     if changed:
-        warnings.warn(f"bn_transfer={bn_transfer!r} changed {len(changed)} pretrained BN γ, so the running statistics "
-                      f"of later layers no longer match their inputs; recalibrate them with "
-                      f"timm_bninit.recalibrate_bn_stats(model, train_batches) before evaluating",
-                      BNTransferWarning, stacklevel=2)
+        warnings.warn(STALE_STATISTICS.format(policy=bn_transfer, count=len(changed), extra=""), BNTransferWarning,
+                      stacklevel=2)
     _logger.info(report.summary())
     return report

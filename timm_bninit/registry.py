@@ -9,7 +9,6 @@ loudly at import instead of silently building plain BN.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from timm.layers import create_norm as _timm_norm
 from timm.layers import create_norm_act as _timm_norm_act
 from torch import nn
 
+from .errors import BNInitError, did_you_mean
 from .norm import (
     VARIANT_TYPES,
     BatchNormGamma2d,
@@ -45,11 +45,8 @@ LayerFactory = type[nn.Module] | functools.partial | Callable[..., nn.Module]
 _REGISTRY: dict[str, tuple[LayerFactory, LayerFactory | None]] = {}
 
 
-class UnknownNormLayerError(KeyError):
+class UnknownNormLayerError(BNInitError, KeyError):
     """An unknown norm-layer name; the message lists the known names (``str`` is not quoted like a KeyError's)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def timm_key(name: str) -> str:
@@ -73,9 +70,8 @@ class _ExplainingNormActMap(_ExplainingMap):
 def _unknown_message(name: str, timm_map: dict, kind: str) -> str:
     ours = {timm_key(n): n for n in _REGISTRY}
     known = sorted({ours.get(k, k) for k in timm_map})
-    close = difflib.get_close_matches(timm_key(name), list(timm_map), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(ours.get(k, k)) for k in close)}?" if close else ""
-    return (f"unknown {kind} {name!r} (timm strips '_' and lower-cases names).{hint} "
+    hint = did_you_mean(name, [ours.get(k, k) for k in timm_map], key=timm_key)
+    return (f"unknown {kind} {name!r} (timm strips '_' and lower-cases names). {hint} "
             f"Known: {', '.join(known)}. timm-bninit variants are registered by `import timm_bninit`.")
 
 
@@ -178,9 +174,8 @@ def resolve_norm_layer(name: str) -> tuple[LayerFactory, LayerFactory | None]:
     by_key = {timm_key(n): n for n in _REGISTRY}
     if timm_key(name) in by_key:
         return _REGISTRY[by_key[timm_key(name)]]
-    close = difflib.get_close_matches(timm_key(name), list(by_key), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(by_key[k]) for k in close)}?" if close else ""
-    raise UnknownNormLayerError(f"unknown norm layer {name!r}.{hint} Known: {', '.join(list_norm_layers())}")
+    hint = did_you_mean(name, list_norm_layers(), key=timm_key)
+    raise UnknownNormLayerError(f"unknown norm layer {name!r}. {hint} Known: {', '.join(list_norm_layers())}")
 
 
 def get_norm_layer(name: str) -> LayerFactory:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import BNInitError
+
 __all__ = ["DatasetError", "SkippedFile"]
 
 
-class DatasetError(ValueError):
+class DatasetError(BNInitError, ValueError):
     """A data set that cannot be loaded as asked: missing or malformed files, bad labels, undecodable images.
 
     The message names the file, what was wrong, and what to do about it.

@@ -1,6 +1,6 @@
-"""Multi-seed comparisons: plan a grid of recipe × method × lr × seed, run it resumably, report it as the papers do.
+"""The sweep: plan a grid of recipe × method × lr × seed and run it resumably (comparing is :mod:`.report`'s job).
 
-Every cell of the grid is an ordinary fine-tuning run directory ``<out>/<method>/lr<lr>/seed<seed>``. Running a sweep
+Every cell of the grid is an ordinary run directory (:func:`.layout.sweep_run_dir`). Running a sweep
 again never re-runs or overwrites a finished run (``final.json``), resumes interrupted ones from their checkpoint,
 and re-tries failed ones (``error.json``) only when asked.
 
@@ -10,7 +10,6 @@ either followed by recipe overrides: ``bn_gamma01+bn_transfer=reset``, ``base+ga
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import traceback
@@ -21,13 +20,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..registry import resolve_norm_layer
+from . import layout
 from .recipe import RecipeError, apply_overrides, load_recipe
+from .train import run_finetune
 
-__all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status",
-           "ERROR_FILE", "PLAN_FILE"]
-
-ERROR_FILE = "error.json"
-PLAN_FILE = "sweep.json"
+__all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +66,6 @@ def parse_floats(text: str) -> list[float]:
 
 def parse_methods(text: str | Sequence[str]) -> dict[str, list[str]]:
     """Method strings -> recipe overrides. ``base`` is plain BN; ``name+key=value+...`` adds overrides."""
-    from .registry import resolve_norm_layer
-
     items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     if not items:
         raise RecipeError("no methods given; e.g. --methods base,bn_gamma01,rbn,iebn")
@@ -88,10 +84,6 @@ def parse_methods(text: str | Sequence[str]) -> dict[str, list[str]]:
     return methods
 
 
-def _slug(method: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", method.replace("+", "__"))
-
-
 def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float], seeds: Iterable[int],
                out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[RunSpec]:
     """The grid recipe × method × lr × seed; within a seed only the method's overrides differ."""
@@ -101,25 +93,15 @@ def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float], 
         for lr in lrs:
             for seed in seeds:
                 config = apply_overrides(base, [*method_overrides, f"lr={lr!r}", f"seed={seed}"])
-                run_dir = Path(out) / _slug(method) / f"lr{lr:g}" / f"seed{seed}"
+                run_dir = layout.sweep_run_dir(out, method, lr, seed)
                 specs.append(RunSpec(method, float(lr), int(seed), str(run_dir), config))
     return specs
-
-
-def _status(run_dir: Path) -> str:
-    if (run_dir / "final.json").is_file():
-        return "finished"
-    if (run_dir / ERROR_FILE).is_file():
-        return "failed"
-    if (run_dir / "checkpoint").exists() or (run_dir / "metrics.jsonl").exists():
-        return "interrupted"
-    return "pending"
 
 
 def sweep_status(specs: Sequence[RunSpec]) -> dict[str, list[RunSpec]]:
     status: dict[str, list[RunSpec]] = {"finished": [], "failed": [], "interrupted": [], "pending": []}
     for spec in specs:
-        status[_status(Path(spec.run_dir))].append(spec)
+        status[layout.run_status(spec.run_dir)].append(spec)
     return status
 
 
@@ -127,20 +109,16 @@ def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | Non
     """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep."""
     import torch
 
-    from .finetune import run_finetune
-
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
     try:
         final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir)
     except Exception as error:  # a sweep records the failure and goes on
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ERROR_FILE).write_text(json.dumps({
-            "method": spec.method, "lr": spec.lr, "seed": spec.seed, "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc()}, indent=2))
+        layout.write_error(run_dir, {"method": spec.method, "lr": spec.lr, "seed": spec.seed,
+                                     "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
         return {"status": "failed", "run_dir": str(run_dir), "error": f"{type(error).__name__}: {error}"}
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    layout.clear_error(run_dir)
     return {"status": "finished", "run_dir": str(run_dir), "test_acc": final["test_acc_at_best_val"]}
 
 
@@ -160,7 +138,7 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int
            " (kept; --retry-failed re-runs them)" if status["failed"] else ""))
     if retry_failed:
         for spec in status["failed"]:
-            (Path(spec.run_dir) / ERROR_FILE).unlink(missing_ok=True)
+            layout.clear_error(spec.run_dir)
     if not todo:
         return sweep_status(specs)
     cores = os.cpu_count() or 1
@@ -207,16 +185,11 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
     head = f"{spec.method} lr={spec.lr:g} seed={spec.seed}"
     if result["status"] == "finished":
         return f"{head}: test {result['test_acc']:.2f}%"
-    return f"{head}: FAILED {result['error']} (see {result['run_dir']}/{ERROR_FILE})"
+    return f"{head}: FAILED {result['error']} (see {result['run_dir']}/{layout.ERROR_FILE})"
 
 
 def _write_plan(out: Path, specs: Sequence[RunSpec]) -> None:
     """Record the grid, so ``report`` knows every run that should exist (and can name the missing ones)."""
-    plan_path = out / PLAN_FILE
-    runs = [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config["recipe"],
-             "dataset": s.config["dataset"], "run_dir": os.path.relpath(s.run_dir, out)} for s in specs]
-    if plan_path.is_file():
-        known = json.loads(plan_path.read_text())["runs"]
-        seen = {r["run_dir"] for r in known}
-        runs = known + [r for r in runs if r["run_dir"] not in seen]
-    plan_path.write_text(json.dumps({"runs": runs}, indent=2))
+    layout.write_plan(out, [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config["recipe"],
+                             "dataset": s.config["dataset"], "run_dir": os.path.relpath(s.run_dir, out)}
+                            for s in specs])

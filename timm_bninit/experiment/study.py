@@ -1,10 +1,9 @@
 """A reproduction study in one command: a protocol file (``studies/*.yaml``) of sweeps, run resumably, reported into
-``docs/``. Each part is an ordinary sweep (:mod:`timm_bninit.compare`); a part with ``pretrain`` first trains that
+``docs/``. Each part is an ordinary sweep (:mod:`.sweep`); a part with ``pretrain`` first trains that
 recipe once and fine-tunes every run of the part from its best-validation weights."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -13,12 +12,14 @@ from typing import Any
 
 import yaml
 
-from .compare import parse_seeds, plan_sweep, run_sweep
+from . import layout
+from .layout import RunError
 from .recipe import RecipeError, load_recipe
+from .report import write_report
+from .sweep import parse_seeds, plan_sweep, run_sweep
+from .train import run_finetune
 
-__all__ = ["load_protocol", "run_study", "SUMMARY_FILE"]
-
-SUMMARY_FILE = "summaries.json"
+__all__ = ["load_protocol", "run_study"]
 
 
 def load_protocol(path: str | os.PathLike) -> dict[str, Any]:
@@ -47,22 +48,15 @@ def machine() -> dict[str, Any]:
 
 
 def _summaries(out: Path) -> list[dict[str, Any]]:
-    plan = json.loads((out / "sweep.json").read_text())["runs"]
-    rows = []
-    for run in plan:
-        final = json.loads((out / run["run_dir"] / "final.json").read_text())
-        rows.append({"method": run["method"], "lr": run["lr"], "seed": run["seed"], "dataset": run["dataset"],
-                     **{k: final[k] for k in ("test_acc_at_best_val", "test_acc_last", "best_epoch",
-                                              "initial_effective_scale", "gamma_clamp")}})
-    return rows
+    return [{"method": run["method"], "lr": run["lr"], "seed": run["seed"], "dataset": run["dataset"],
+             **{k: run["final"][k] for k in ("test_acc_at_best_val", "test_acc_last", "best_epoch",
+                                             "initial_effective_scale", "gamma_clamp")}}
+            for run in layout.sweep_runs(out)]
 
 
 def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: str | os.PathLike, *,
               parallel: int = 2, data_cache_dir: str | None = None, log=print) -> dict[str, Any]:
     """Run (or resume) every part of a study, then write each part's report and run summaries into ``docs``."""
-    from .finetune import run_finetune
-    from .report import write_report
-
     protocol = load_protocol(protocol_path)
     out, docs = Path(out), Path(docs)
     seeds = parse_seeds(protocol["seeds"])
@@ -76,21 +70,21 @@ def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: st
             log(f"[{name}] pretraining {part['pretrain']} into {pretrain_dir}")
             run_finetune(load_recipe(part["pretrain"]), pretrain_dir, resume=True, quiet=True,
                          data_cache_dir=data_cache_dir)
-            overrides.append(f"pretrained_file={pretrain_dir / 'best_model.safetensors'}")
+            overrides.append(f"pretrained_file={pretrain_dir / layout.BEST_MODEL_FILE}")
         specs = plan_sweep(part["recipe"], part["methods"], part["lr"], seeds, out / name, overrides)
         log(f"[{name}] {len(part['methods'])} methods × {len(part['lr'])} lr × {len(seeds)} seeds")
         status = run_sweep(specs, out / name, parallel=parallel, data_cache_dir=data_cache_dir,
                            log=lambda line, part_name=name: log(f"[{part_name}] {line}"))
         unfinished = len(specs) - len(status["finished"])
         if unfinished:
-            raise RuntimeError(f"[{name}] {unfinished} runs did not finish (see their error.json); run the study "
+            raise RunError(f"[{name}] {unfinished} runs did not finish (see their error.json); run the study "
                                f"command again to resume them")
         timings[name] = time.time() - part_started
         report_dir = docs / name
         write_report(out / name, report_dir, use_holm=True)
-        (report_dir / SUMMARY_FILE).write_text(json.dumps(_summaries(out / name), indent=1))
+        layout.write_json(report_dir / layout.SUMMARY_FILE, _summaries(out / name))
     record = {"protocol": str(protocol_path), "seeds": seeds, "parallel": parallel,
               "wall_seconds_this_invocation": time.time() - started, "part_seconds_this_invocation": timings,
               "machine": machine()}
-    (docs / "study.json").write_text(json.dumps(record, indent=2))
+    layout.write_json(docs / layout.STUDY_FILE, record)
     return record

@@ -5,7 +5,6 @@ across the methods of a column, as Markdown, CSV and LaTeX, plus plots."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections import defaultdict
@@ -16,16 +15,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .compare import ERROR_FILE, PLAN_FILE
+from ..errors import BNInitError
+from . import layout
 
 __all__ = ["IncompleteSweepError", "Cell", "SweepTable", "load_sweep", "summarise", "holm", "write_report",
            "METRICS"]
 
-METRICS = {"best_val": "test_acc_at_best_val", "last": "test_acc_last"}
+METRICS = layout.RESULT_METRICS
 ALPHA = 0.05
 
 
-class IncompleteSweepError(RuntimeError):
+class IncompleteSweepError(BNInitError, RuntimeError):
     """Seed sets that cannot be paired; the message lists the missing runs."""
 
 
@@ -69,21 +69,7 @@ class SweepTable:
 
 def load_sweep(out: str | os.PathLike) -> list[dict[str, Any]]:
     """Every planned run of the sweep in ``out`` with its status and, when finished, its ``final.json``."""
-    out = Path(out)
-    plan_path = out / PLAN_FILE
-    if not plan_path.is_file():
-        raise FileNotFoundError(f"{out} has no {PLAN_FILE}: not a sweep directory (run `compare.py run ... --out "
-                                f"{out}` first)")
-    runs = []
-    for entry in json.loads(plan_path.read_text())["runs"]:
-        run_dir = out / entry["run_dir"]
-        run = {**entry, "path": run_dir, "final": None, "error": None}
-        if (run_dir / "final.json").is_file():
-            run["final"] = json.loads((run_dir / "final.json").read_text())
-        elif (run_dir / ERROR_FILE).is_file():
-            run["error"] = json.loads((run_dir / ERROR_FILE).read_text())["error"]
-        runs.append(run)
-    return runs
+    return list(layout.sweep_runs(out))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -101,7 +87,7 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
               use_holm: bool = False) -> list[SweepTable]:
     """One table per data set. Refuses (IncompleteSweepError) when any planned run has no result."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose {', '.join(METRICS)}")
+        raise IncompleteSweepError(f"unknown metric {metric!r}; choose {', '.join(METRICS)}")
     missing = [r for r in runs if r["final"] is None]
     if missing:
         lines = [f"  {r['run_dir']}: " + (f"failed ({r['error']})" if r["error"] else "not finished")

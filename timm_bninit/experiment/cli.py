@@ -1,14 +1,40 @@
-"""Command line of ``scripts/finetune.py``: recipe + overrides in, one run directory out."""
+"""The command lines of ``scripts/finetune.py``, ``scripts/compare.py`` and ``scripts/study.py``.
+
+Every project error (:class:`timm_bninit.errors.BNInitError`) is caught in one place, :func:`_one_line_errors`, and
+printed as one line on stderr with exit code 2: never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .recipe import RecipeError, apply_overrides, list_recipes, load_recipe
+from ..errors import BNInitError
+from .layout import default_run_dir
+from .recipe import apply_overrides, list_recipes, load_recipe
+from .report import write_report
+from .study import run_study
+from .sweep import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
+from .train import run_finetune
 
 __all__ = ["compare_main", "finetune_main", "study_main"]
+
+
+def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Print a project error as ``error: <message>`` (one line) and return 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except BNInitError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,26 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_one_line_errors
 def finetune_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
-    from .data import DatasetError
-    from .finetune import RunError, default_run_dir, run_finetune
-    from .pretrained import PretrainedLoadError
-    from .registry import UnknownNormLayerError
-
-    try:
-        config = apply_overrides(load_recipe(args.recipe), args.overrides)
-        if args.data_dir:
-            config["data_dir"] = args.data_dir
-        run_dir = args.run_dir or default_run_dir(config, args.output_dir)
-        final = run_finetune(config, run_dir, resume=args.resume, quiet=args.quiet,
-                             data_cache_dir=args.data_cache_dir)
-    except (RecipeError, RunError, DatasetError, PretrainedLoadError, UnknownNormLayerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = apply_overrides(load_recipe(args.recipe), args.overrides)
+    if args.data_dir:
+        config["data_dir"] = args.data_dir
+    run_dir = args.run_dir or default_run_dir(config, args.output_dir)
+    final = run_finetune(config, run_dir, resume=args.resume, quiet=args.quiet, data_cache_dir=args.data_cache_dir)
     print(f"{run_dir}: test accuracy {final['test_acc_at_best_val']:.2f}% at the best-validation epoch "
           f"{final['best_epoch']}, {final['test_acc_last']:.2f}% at the last epoch")
     return 0
@@ -100,38 +117,32 @@ def _compare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@_one_line_errors
 def compare_main(argv: list[str] | None = None) -> int:
     args = _compare_parser().parse_args(argv)
-    from .compare import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
-    from .registry import UnknownNormLayerError
-    from .report import IncompleteSweepError, write_report
-
-    try:
-        if args.command == "report":
-            for path in write_report(args.out, args.report_dir, metric=args.metric, baseline=args.baseline,
-                                     use_holm=args.holm, plots=not args.no_plots):
-                print(path)
-            print((Path(args.report_dir or Path(args.out) / "report") / "report.md").read_text())
-            return 0
-        overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-        specs = plan_sweep(args.recipe, args.methods, parse_floats(args.lr), parse_seeds(args.seeds), args.out,
-                           overrides)
-        if args.command == "status":
-            for name, items in sweep_status(specs).items():
-                print(f"{name}: {len(items)}" + "".join(f"\n  {s.run_dir}" for s in items if name != "finished"))
-            return 0
-        slurm = dict(item.split("=", 1) for item in args.slurm)
-        final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
-                          executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
-    except (RecipeError, UnknownNormLayerError, IncompleteSweepError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "report":
+        for path in write_report(args.out, args.report_dir, metric=args.metric, baseline=args.baseline,
+                                 use_holm=args.holm, plots=not args.no_plots):
+            print(path)
+        print((Path(args.report_dir or Path(args.out) / "report") / "report.md").read_text())
+        return 0
+    overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    specs = plan_sweep(args.recipe, args.methods, parse_floats(args.lr), parse_seeds(args.seeds), args.out,
+                       overrides)
+    if args.command == "status":
+        for name, items in sweep_status(specs).items():
+            print(f"{name}: {len(items)}" + "".join(f"\n  {s.run_dir}" for s in items if name != "finished"))
+        return 0
+    slurm = dict(item.split("=", 1) for item in args.slurm)
+    final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
+                      executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
     unfinished = len(final["failed"]) + len(final["pending"]) + len(final["interrupted"])
     print(f"{len(final['finished'])} of {len(specs)} runs finished" +
           (f"; {unfinished} not (see error.json files; --retry-failed re-runs failed ones)" if unfinished else ""))
     return 1 if unfinished else 0
 
 
+@_one_line_errors
 def study_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="study.py",
@@ -143,16 +154,7 @@ def study_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs side by side (default 2: one per core here)")
     parser.add_argument("--data-cache-dir", help="cache for built data sets")
     args = parser.parse_args(argv)
-    from .registry import UnknownNormLayerError
-    from .report import IncompleteSweepError
-    from .study import run_study
-
-    try:
-        record = run_study(args.protocol, args.out, args.docs, parallel=args.parallel,
-                           data_cache_dir=args.data_cache_dir)
-    except (RecipeError, UnknownNormLayerError, IncompleteSweepError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    record = run_study(args.protocol, args.out, args.docs, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
     print(f"study finished in {record['wall_seconds_this_invocation'] / 60:.1f} min on {record['machine']['cores']} "
           f"cores ({record['machine']['cpu']}); reports in {args.docs}")
     return 0

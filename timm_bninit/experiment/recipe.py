@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import yaml
 
-__all__ = ["DEFAULTS", "RecipeError", "recipe_dir", "list_recipes", "load_recipe", "apply_overrides"]
+from ..convert import BN_TRANSFER_POLICIES
+from ..errors import BNInitError, did_you_mean
+from ..norm import BatchNormGamma2d
+from ..registry import resolve_norm_layer
+
+__all__ = ["DEFAULTS", "RecipeError", "check_config", "recipe_dir", "list_recipes", "load_recipe", "apply_overrides"]
 
 # Every key a recipe may set, with its default. A recipe file sets a subset; `--set key=value` overrides any.
 DEFAULTS: dict[str, Any] = {
@@ -62,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(BNInitError, ValueError):
     """A recipe or override that cannot be used; the message names the valid choices."""
 
 
@@ -80,9 +85,8 @@ def list_recipes() -> list[str]:
 
 
 def _unknown_key(key: str) -> RecipeError:
-    close = difflib.get_close_matches(key, list(DEFAULTS), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return RecipeError(f"unknown recipe key {key!r}.{hint} Valid keys: {', '.join(sorted(DEFAULTS))}")
+    hint = did_you_mean(key, list(DEFAULTS))
+    return RecipeError(f"unknown recipe key {key!r}. {hint} Valid keys: {', '.join(sorted(DEFAULTS))}")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -163,3 +167,35 @@ def apply_overrides(config: dict[str, Any], overrides: list[str] | None) -> dict
             value = text
         config[key] = _coerce(key, value)
     return config
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse, before any work, what cannot run: unknown model, norm layer or policy; bad numbers."""
+    if not timm.is_model(config["model"]):
+        hint = did_you_mean(config["model"], timm.list_models())
+        raise RecipeError(f"unknown timm model {config['model']!r}. {hint} See timm.list_models().")
+    if config["norm_layer"] is not None:
+        norm = resolve_norm_layer(config["norm_layer"])[0]
+    if config["gamma_init"] is not None:
+        base = getattr(norm, "func", norm) if config["norm_layer"] is not None else None
+        if not (isinstance(base, type) and issubclass(base, BatchNormGamma2d)):
+            raise RecipeError(f"gamma_init sets γ0 of a bn_gamma* layer, but norm_layer is {config['norm_layer']!r}; "
+                              f"use e.g. norm_layer=bn_gamma1 gamma_init=0.731")
+    if config["classes"] is not None and (not isinstance(config["classes"], list) or len(config["classes"]) < 2
+                                          or len(set(config["classes"])) != len(config["classes"])):
+        raise RecipeError(f"classes must be a list of at least 2 distinct class indices, got {config['classes']!r}")
+    if config["bn_transfer"] not in BN_TRANSFER_POLICIES:
+        raise RecipeError(f"bn_transfer must be one of {', '.join(BN_TRANSFER_POLICIES)}, got "
+                          f"{config['bn_transfer']!r}")
+    for key in ("epochs", "batch_size", "grad_accum_steps", "img_size"):
+        if config[key] < 1:
+            raise RecipeError(f"{key} must be ≥ 1, got {config[key]}")
+    if not 0 <= config["val_fraction"] < 1:
+        raise RecipeError(f"val_fraction must be in [0, 1), got {config['val_fraction']}")
+    if config["augmentation"] not in ("rrc", "flip", "none"):
+        raise RecipeError(f"augmentation must be rrc, flip or none, got {config['augmentation']!r}")
+    if config["pretrained_file"] is not None and not Path(config["pretrained_file"]).is_file():
+        raise RecipeError(f"pretrained_file {config['pretrained_file']!r} does not exist; pass the path of a "
+                          f".safetensors/.pth/.bin weights file")
+    if config["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise RecipeError(f"mixed_precision must be no, fp16 or bf16, got {config['mixed_precision']!r}")

@@ -1,4 +1,7 @@
-"""Analyses of the seeds' science: effective initial scale, small-γ fractions and γ clamping (REFERENCE §5)."""
+"""Analyses of the seeds' science: effective initial scale, small-γ fractions and γ clamping (docs/methods.md §5).
+
+The one place that defines the γ thresholds: training clamps at them and reports count below them.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["CLAMP_THRESHOLDS", "effective_initial_scale", "small_gamma_fraction", "clamped_gammas",
+from ..gammas import bn_gammas
+from .recipe import RecipeError
+
+__all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "small_gamma_fraction", "clamped_gammas",
            "freeze_all_but_norm"]
 
-CLAMP_THRESHOLDS = (0.01, 0.05)
+GAMMA_THRESHOLDS = (0.01, 0.05, 0.1)  # |γ| below these counts as small (Frankle et al. report < 0.01)
 
 
 def _gammas(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
-    return [(m, m.weight) for m in model.modules()
-            if isinstance(m, _BatchNorm) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    return [(module, gamma) for _, module, gamma in bn_gammas(model)]
 
 
 @torch.no_grad()
@@ -70,7 +75,7 @@ def freeze_all_but_norm(model: nn.Module, train_classifier: bool = True) -> int:
     if train_classifier:
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         if not isinstance(classifier, nn.Module):
-            raise ValueError(f"{type(model).__name__} has no get_classifier(); cannot keep the output layer "
+            raise RecipeError(f"{type(model).__name__} has no get_classifier(); cannot keep the output layer "
                              f"trainable (set train_classifier=false)")
         for param in classifier.parameters():
             param.requires_grad_(True)

@@ -1,0 +1,146 @@
+"""Data loading pieces of a run: decoded-image cache, seeded dataset and sampler, transforms, and the loaders.
+
+Augmentation of sample ``i`` in epoch ``e`` is a pure function of (run seed, e, i), and the data order of epoch ``e``
+a pure function of (run seed, e): the same for every method, with any number of workers, and after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from .layout import RunError
+from .seeding import rng_scope, seed_for
+
+__all__ = ["SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "build_loaders",
+           "decoded_images"]
+
+_DECODED: dict[str, list[Any]] = {}  # per process: decoded images of a split, shared by the runs of a sweep worker
+
+
+def decoded_images(rows: Any) -> list[Any]:
+    """Every image of a ``datasets`` split decoded once (RGB), memoised per process by the split's fingerprint."""
+    key = getattr(rows, "_fingerprint", None) or str(id(rows))
+    if key not in _DECODED:
+        _DECODED[key] = [image.convert("RGB") for image in rows["image"]]
+    return _DECODED[key]
+
+
+def transformed_samples(rows: Any, transform: Any) -> list[Any]:
+    """Every image of a split through a deterministic transform, once per process (memoised like the decoding)."""
+    key = f"{getattr(rows, '_fingerprint', None) or id(rows)}|{transform!r}"
+    if key not in _DECODED:
+        _DECODED[key] = [transform(image) for image in decoded_images(rows)]
+    return _DECODED[key]
+
+
+class SeededImageDataset(Dataset):
+    """A ``datasets`` split whose transform of sample ``i`` in epoch ``e`` draws from the stream (seed, e, i).
+
+    Augmentation is then a pure function of the run seed, the epoch and the index: the same for every method, the
+    same with any number of workers, and the same after a resume. ``classes`` keeps a subset of the classes,
+    relabelled 0..k-1 in the given order; ``preload`` decodes every image once instead of on every access, and
+    without a seed (a transform that draws nothing) also transforms it once.
+    """
+
+    def __init__(self, rows: Any, transform: Any, seed: int | None, classes: list[int] | None = None,
+                 preload: bool = False):
+        self.rows, self.transform, self.seed, self.epoch = rows, transform, seed, 0
+        labels = rows["label"]
+        if classes is None:
+            self.indices, self.labels = list(range(len(labels))), list(labels)
+        else:
+            relabel = {original: new for new, original in enumerate(classes)}
+            self.indices = [i for i, label in enumerate(labels) if label in relabel]
+            self.labels = [relabel[labels[i]] for i in self.indices]
+        self.images = decoded_images(rows) if preload else None
+        self.prepared = transformed_samples(rows, transform) if preload and seed is None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.indices[index]
+        if self.prepared is not None:
+            return self.prepared[row], self.labels[index]
+        image = self.images[row] if self.images is not None else self.rows[row]["image"].convert("RGB")
+        if self.seed is None:
+            return self.transform(image), self.labels[index]
+        with rng_scope(seed_for(self.seed, "augment", self.epoch, index)):
+            return self.transform(image), self.labels[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order per epoch drawn from the stream (seed, epoch): identical across methods and after resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(seed_for(self.seed, "data-order", self.epoch))
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any]:
+    """Train and eval transforms from timm (``resolve_model_data_config`` + ``create_transform``)."""
+    data_config = resolve_model_data_config(model)
+    size = config["img_size"]
+    eval_transform = create_transform(input_size=(3, size, size), is_training=False, mean=data_config["mean"],
+                                      std=data_config["std"], interpolation=data_config["interpolation"],
+                                      crop_pct=data_config["crop_pct"] if size >= 128 else 1.0)
+    if config["augmentation"] == "rrc":
+        train_transform = create_transform(input_size=(3, size, size), is_training=True, mean=data_config["mean"],
+                                           std=data_config["std"], interpolation=data_config["interpolation"])
+    elif config["augmentation"] == "flip":
+        train_transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(),
+                                     T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+    else:
+        train_transform = eval_transform
+    return train_transform, eval_transform
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    validation: DataLoader | None
+    test: DataLoader
+    calibration: DataLoader
+    train_dataset: SeededImageDataset
+    train_sampler: EpochShuffleSampler
+
+
+def build_loaders(config: dict[str, Any], data: Any, train_transform: Any, eval_transform: Any) -> Loaders:
+    seed, batch, workers = config["seed"], config["batch_size"], config["num_workers"]
+    subset = {"classes": config["classes"], "preload": config["preload"]}
+    # without augmentation the transform draws nothing: skip the per-sample random-state scope
+    train = SeededImageDataset(data["train"], train_transform, None if config["augmentation"] == "none" else seed,
+                               **subset)
+    sampler = EpochShuffleSampler(len(train), seed)
+    common = {"num_workers": workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
+    if len(train) < batch:
+        raise RunError(f"the training split has {len(train)} images, fewer than batch_size={batch}; lower "
+                       f"batch_size (--set batch_size=...)")
+    train_loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, **common)
+
+    def evaluation(split: str) -> DataLoader:
+        return DataLoader(SeededImageDataset(data[split], eval_transform, None, **subset), batch_size=batch,
+                          shuffle=False, **common)
+
+    validation = evaluation("validation") if "validation" in data and len(data["validation"]) else None
+    # BN recalibration batches: training images with eval transforms, fixed order -> deterministic
+    calibration = DataLoader(SeededImageDataset(data["train"], eval_transform, None, **subset), batch_size=batch,
+                             shuffle=False, drop_last=True, **common)
+    return Loaders(train_loader, validation, evaluation("test"), calibration, train, sampler)

@@ -1,0 +1,86 @@
+"""The model a run starts from: the variant, pretrained weights, and the shared-weight initialisation of the seed."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ..convert import BNTransferWarning
+from ..factory import create_model
+from ..gammas import bn_gammas
+from ..registry import get_norm_layer
+from .recipe import RecipeError
+from .seeding import rng_scope, seed_for
+
+__all__ = ["build_model", "cifar_stem"]
+
+
+def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
+    """The model with its variant, pretrained weights and a shared-weight initialisation drawn from the run seed.
+
+    Every tensor that is not part of a norm layer is initialised from a plain-BN model built under the seed's
+    ``init`` stream, so two methods with the same seed start from identical convolution and classifier weights
+    whatever random numbers their own layers consume (``bn_uniform`` draws γ).
+    """
+    kwargs = {"num_classes": num_classes, "drop_rate": config["drop_rate"]}
+    if config["drop_path_rate"]:
+        kwargs["drop_path_rate"] = config["drop_path_rate"]
+    if config["zero_init_last"]:
+        kwargs["zero_init_last"] = True
+    with rng_scope(seed_for(config["seed"], "init")):
+        reference = timm.create_model(config["model"], **kwargs)
+    pretrained = False if config["pretrained_file"] else config["pretrained"]
+    norm_layer = config["norm_layer"]
+    if config["gamma_init"] is not None:
+        norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
+    with rng_scope(seed_for(config["seed"], "init-method")), warnings.catch_warnings():
+        if config["precise_bn_batches"]:  # the run re-estimates BN statistics before every evaluation
+            warnings.simplefilter("ignore", BNTransferWarning)
+        model = create_model(config["model"], norm_layer, pretrained=pretrained,
+                             pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
+    if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
+        # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (REFERENCE §9)
+        with torch.no_grad():
+            for _, _, gamma in bn_gammas(model):
+                gamma.fill_(1.0)
+    if config["cifar_stem"]:
+        reference = cifar_stem(reference, seed_for(config["seed"], "init-stem"))
+        model = cifar_stem(model, seed_for(config["seed"], "init-stem"))
+    report = getattr(model, "bninit_load_report", None)
+    # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
+    _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
+    return model
+
+
+def cifar_stem(model: nn.Module, seed: int) -> nn.Module:
+    """Replace a ResNet's 7×7 stride-2 stem and max-pool by a 3×3 stride-1 convolution (CIFAR ResNets)."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and isinstance(model.conv1, nn.Conv2d)):
+        raise RecipeError(f"cifar_stem applies to timm ResNets with a single-conv stem; {type(model).__name__} has "
+                          f"none (use a resnet* model or cifar_stem=false)")
+    old = model.conv1
+    with rng_scope(seed):
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_in", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _is_norm_tensor(model: nn.Module, key: str) -> bool:
+    module_name = key.rpartition(".")[0]
+    module = model.get_submodule(module_name) if module_name else model
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+@torch.no_grad()
+def _copy_shared_weights(reference: nn.Module, model: nn.Module, only: set[str] | None = None) -> None:
+    target = model.state_dict()
+    for key, tensor in reference.state_dict().items():
+        if only is not None and key not in only:
+            continue
+        if key in target and target[key].shape == tensor.shape and not _is_norm_tensor(model, key):
+            target[key].copy_(tensor)

@@ -1,0 +1,274 @@
+"""One run: fine-tune (or train from scratch) a model with a BN variant into one run directory.
+
+Reads like timm's ``train.py``: :func:`train_one_epoch` and :func:`validate` are the loop, :func:`run_finetune` wires
+them: build data, model, optimizer and scheduler; ``accelerator.prepare`` once; train; evaluate with
+``gather_for_metrics``; save. What the run directory holds is :mod:`timm_bninit.experiment.layout`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import datasets
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..convert import recalibrate_bn_stats
+from ..data import load_image_dataset
+from ..gammas import bn_gammas
+from ..optim import param_group_fn
+from . import layout
+from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm
+from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from .layout import RunError
+from .loaders import Loaders, build_loaders, build_transforms
+from .model import build_model
+from .recipe import check_config
+from .seeding import seed_for
+
+__all__ = ["RunError", "Run", "run_finetune", "train_one_epoch", "validate", "evaluate"]
+
+
+@dataclass
+class Run:
+    """What one run trains: the prepared objects and the loaders."""
+
+    config: dict[str, Any]
+    accelerator: Any
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    loaders: Loaders
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    ema: Any
+    criterion: nn.Module
+    data_info: Any
+    initial_scale: float | None
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA when the recipe asks for one."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+
+def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
+    """Data, model, optimizer and scheduler of a run, prepared once by accelerate."""
+    data, data_info = load_image_dataset(config["dataset"], data_dir=config["data_dir"], cache_dir=data_cache_dir,
+                                         val_fraction=config["val_fraction"], split_seed=config["split_seed"],
+                                         skip_corrupt=config["skip_corrupt"])
+    if config["classes"] and not all(0 <= c < data_info.num_classes for c in config["classes"]):
+        raise RunError(f"classes {config['classes']} are not all class indices of {config['dataset']} "
+                       f"(0..{data_info.num_classes - 1})")
+    model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
+    initial_scale = effective_initial_scale(model)
+    if config["bn_only"]:
+        freeze_all_but_norm(model, train_classifier=config["train_classifier"])
+    loaders = build_loaders(config, data, *build_transforms(config, model))
+    optimizer = create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
+                                    momentum=config["momentum"],
+                                    param_group_fn=param_group_fn(config["weight_decay"],
+                                                                  gamma_lr_div=config["gamma_lr_div"]))
+    updates_per_epoch = math.ceil(len(loaders.train) / config["grad_accum_steps"] / accelerator.num_processes)
+    # timm schedulers stay outside accelerator.prepare: they step per update from our own counter
+    scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
+                                       warmup_epochs=config["warmup_epochs"], warmup_lr=config["warmup_lr"],
+                                       min_lr=config["min_lr"], step_on_epochs=config["step_on_epochs"],
+                                       updates_per_epoch=updates_per_epoch)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
+    eval_loaders = {name: accelerator.prepare(loader) for name, loader in
+                    (("validation", loaders.validation), ("test", loaders.test)) if loader is not None}
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config["ema_decay"]) if config["ema"] else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
+               data_info, initial_scale)
+
+
+def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's loss, learning rates and throughput."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    # accelerate's loader re-sets its sampler's epoch to its own pass counter (0 after a resume): tell it too
+    run.train_loader.set_epoch(epoch)
+    run.loaders.train_sampler.set_epoch(epoch)
+    run.loaders.train_dataset.epoch = epoch
+    model.train()
+    torch.manual_seed(seed_for(config["seed"], "train-noise", epoch))  # dropout / drop-path draws
+    group_names = [g.get("name", str(i)) for i, g in enumerate(run.optimizer.param_groups)]
+    loss_sum, seen, started = 0.0, 0, time.time()
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not show, leave=False)
+    for images, labels in bar:
+        with accelerator.accumulate(model):
+            loss = run.criterion(model(images), labels)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            state["num_updates"] += 1
+            run.scheduler.step_update(num_updates=state["num_updates"])
+            if run.ema is not None:
+                run.ema.update(run.unwrapped, step=state["num_updates"])
+        loss_sum += float(loss.detach()) * labels.shape[0]
+        seen += labels.shape[0]
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    lrs = {name: group["lr"] for name, group in zip(group_names, run.optimizer.param_groups)}  # as last used
+    if config["step_on_epochs"]:
+        run.scheduler.step(epoch + 1)
+    seconds = time.time() - started
+    images = seen * accelerator.num_processes
+    state["train_seconds"] += seconds
+    state["train_images"] += images
+    loss = float(accelerator.reduce(torch.tensor(loss_sum / max(seen, 1), device=accelerator.device), "mean"))
+    return {"train_loss": loss, "lrs": lrs, "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader``, gathered over processes."""
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        predictions = model(images).argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += int((predictions == labels).sum())
+        total += labels.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Accuracy on validation (when there is a split) and test, after re-estimating BN statistics if asked."""
+    if run.config["precise_bn_batches"]:
+        recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config["precise_bn_batches"])
+    return {name: evaluate(run.evaluated, loader, run.accelerator) for name, loader in run.eval_loaders.items()}
+
+
+def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[str, Any]:
+    state = {"epoch": 0, "num_updates": 0, "best_val": -1.0, "best_epoch": None, "test_at_best": None,
+             "last_val": None, "last_test": None, "train_seconds": 0.0, "train_images": 0}
+    accelerator = run.accelerator
+    if resume and load_checkpoint(accelerator, run_dir, state, run.scheduler, run.ema):
+        if show:
+            print(f"resuming {run_dir} after epoch {state['epoch']}")
+    elif accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        layout.write_config(run_dir, run.config)
+        report = getattr(run.unwrapped, "bninit_load_report", None)
+        if report is not None:
+            layout.write_json(run_dir / layout.LOAD_REPORT_FILE, report.to_dict())
+    if accelerator.is_main_process:
+        layout.truncate_metrics(run_dir, state["epoch"])  # lines a kill left after the last checkpoint
+    accelerator.wait_for_everyone()
+    return state
+
+
+def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], stats: dict[str, Any],
+                  accuracy: dict[str, float], show: bool) -> None:
+    """Select on validation, write the epoch's metrics line and the checkpoint."""
+    main = run.accelerator.is_main_process
+    val = accuracy.get("validation", accuracy["test"])  # no validation split: select on test, said in final
+    if val > state["best_val"]:
+        state.update(best_val=val, best_epoch=epoch + 1, test_at_best=accuracy["test"])
+        if main:
+            save_file({k: v.contiguous().cpu() for k, v in run.evaluated.state_dict().items()},
+                      str(run_dir / layout.BEST_MODEL_FILE))
+    lrs = stats["lrs"]
+    record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": accuracy.get("validation"),
+              "test_acc": accuracy["test"], "lr": lrs.get("decay"), "lr_gamma": lrs.get("bn_gamma"), "lrs": lrs,
+              "images_per_s": stats["images_per_s"], "epoch_seconds": stats["epoch_seconds"]}
+    state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
+    if main:
+        layout.append_metrics(run_dir, record)
+    save_checkpoint(run.accelerator, run_dir, state, run.scheduler, run.ema)
+    if show:
+        val_text = "n/a" if "validation" not in accuracy else f"{accuracy['validation']:.2f}"
+        print(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}  val {val_text}  "
+              f"test {accuracy['test']:.2f}  {stats['images_per_s']:.1f} img/s")
+
+
+def _environment(accelerator: Any) -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__, "platform": platform.platform(),
+            "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "cpu_threads": torch.get_num_threads()}
+
+
+def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, Any]:
+    """``final.json``: the selected and last accuracies, the γ analyses, throughput and environment."""
+    config = run.config
+    clamp = []  # docs/methods.md §5: how much accuracy survives setting the small γ to 0
+    for threshold in GAMMA_THRESHOLDS:
+        with clamped_gammas(run.evaluated, threshold) as fraction:
+            clamp.append({"threshold": threshold, "fraction": fraction,
+                          "test_acc": evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator)})
+    return {
+        "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
+        "best_val_acc": state["best_val"], "test_acc_last": state["last_test"], "val_acc_last": state["last_val"],
+        "selection": "validation" if run.loaders.validation else "test",
+        "epochs": config["epochs"], "seed": config["seed"], "method": {
+            "norm_layer": config["norm_layer"], "bn_transfer": config["bn_transfer"],
+            "gamma_lr_div": config["gamma_lr_div"], "bn_only": config["bn_only"],
+            "pretrained": bool(config["pretrained"] or config["pretrained_file"])},
+        "initial_effective_scale": run.initial_scale, "gamma_clamp": clamp,
+        "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
+        "data": {k: v for k, v in run.data_info.to_dict().items() if k != "class_names"},
+        "environment": _environment(run.accelerator),
+    }
+
+
+def final_gammas(model: nn.Module) -> dict[str, list[float]]:
+    """Every BN γ of the model, by module name."""
+    return {name: gamma.detach().float().cpu().tolist() for name, _, gamma in bn_gammas(model)}
+
+
+def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
+                 data_cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train one configuration into ``run_dir`` and return the contents of its ``final.json``.
+
+    Args:
+        config: A resolved recipe (:func:`timm_bninit.experiment.recipe.load_recipe` plus overrides).
+        run_dir: The run directory.
+        resume: Continue from the run directory's checkpoint (a finished run is returned as it is, never re-run).
+        quiet: No progress bars (sweeps).
+        data_cache_dir: Cache for built data sets (default: ``$TIMM_BNINIT_DATA_CACHE`` or ~/.cache).
+    """
+    check_config(config)
+    run_dir = Path(run_dir)
+    finished = layout.check_new_run_dir(run_dir, resume)
+    if finished is not None:
+        return finished
+    accelerator = Accelerator(mixed_precision=config["mixed_precision"],
+                              gradient_accumulation_steps=config["grad_accum_steps"],
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False))
+    show = accelerator.is_main_process and not quiet
+    run = build_run(config, accelerator, data_cache_dir)
+    state = _start_or_resume(run, run_dir, resume, show)
+    started = time.time()
+    for epoch in range(state["epoch"], config["epochs"]):
+        stats = train_one_epoch(run, epoch, state, show)
+        _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
+    final = _final_result(run, state, started)
+    if accelerator.is_main_process:
+        layout.write_json(run_dir / layout.GAMMAS_FILE, final_gammas(run.unwrapped))
+        layout.write_final(run_dir, final)
+        remove_checkpoint(run_dir)
+    accelerator.wait_for_everyone()
+    return final
