@@ -186,3 +186,105 @@ def make_imagefolder(
 def _write_lines(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ hub stand-ins
+
+# Parquet shards per split, as in the real repositories (CUB at 1ef09e0, Cars at 9abf6cf): data/<split>-0000k-of-0000n
+HUB_CUB_SHARDS = {"train": 2, "test": 2}
+HUB_CARS_SHARDS = {
+    "train": 2,
+    "test": 2,
+    # the seven corrupted copies of test that hub Cars also holds
+    "contrast": 1,
+    "gaussian_noise": 2,
+    "impulse_noise": 2,
+    "jpeg_compression": 1,
+    "motion_blur": 1,
+    "pixelate": 1,
+    "spatter": 2,
+}
+
+
+@dataclass
+class FakeHubRepo:
+    """A local folder laid out like a hub dataset repository, and what it holds.
+
+    Attributes:
+        folder: The repository root (holds ``README.md`` and ``data/``).
+        class_names: Class names in label order.
+        labels: ``split -> labels in row order`` for every split written, corrupted copies included.
+        bboxes: ``split -> [x_min, y_min, x_max, y_max] per row`` (empty without a bbox column).
+        files: ``split -> Parquet files`` relative to ``folder``.
+    """
+
+    folder: Path
+    class_names: list[str]
+    labels: dict[str, list[int]] = field(default_factory=dict)
+    bboxes: dict[str, list[list[float]]] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {split: len(labels) for split, labels in self.labels.items()}
+
+
+def make_hub_repo(
+    folder: Path,
+    class_names: tuple[str, ...],
+    shards: dict[str, int],
+    per_class: dict[str, int] | None = None,
+    with_bbox: bool = False,
+    label_of_row=None,
+) -> FakeHubRepo:
+    """Write ``folder/data/<split>-0000k-of-0000n.parquet`` and a dataset card like the ones ``datasets`` pushes.
+
+    Rows are 16x16 images from :func:`colour` (red encodes the class), ``label`` a ClassLabel, and ``bbox`` (when
+    ``with_bbox``) four floats. The card declares every split under ``configs``, as the real cards do, so loading the
+    folder without ``data_files`` reads them all. ``label_of_row(split, row, label)`` may replace a row's label (to
+    make a broken copy). ``per_class`` defaults to 4 train and 3 test rows per class (corrupted copies as test).
+    """
+    import datasets
+
+    per_class = {"train": 4, "test": 3, **(per_class or {})}
+    repo = FakeHubRepo(folder, list(class_names))
+    columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(class_names))}
+    if with_bbox:
+        columns["bbox"] = datasets.Sequence(datasets.Value("float64"))
+    features = datasets.Features(columns)
+    for split, count in shards.items():
+        rows = per_class.get(split, per_class["test"])
+        labels = [label for label in range(len(class_names)) for _ in range(rows)]
+        if label_of_row is not None:
+            labels = [label_of_row(split, row, label) for row, label in enumerate(labels)]
+        data = {"image": [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour(lab, i)) for i, lab in enumerate(labels)]}
+        data["label"] = labels
+        if with_bbox:
+            data["bbox"] = [[float(i % 4), 2.0, 10.0 + i % 3, 12.0] for i in range(len(labels))]
+            repo.bboxes[split] = data["bbox"]
+        table = datasets.Dataset.from_dict(data, features=features)
+        repo.labels[split] = labels
+        repo.files[split] = []
+        for shard in range(count):
+            relative = f"data/{split}-{shard:05d}-of-{count:05d}.parquet"
+            (folder / "data").mkdir(parents=True, exist_ok=True)
+            table.shard(count, shard, contiguous=True).to_parquet(folder / relative)
+            repo.files[split].append(relative)
+    _write_hub_card(folder / "README.md", repo, with_bbox)
+    return repo
+
+
+def _write_hub_card(path: Path, repo: FakeHubRepo, with_bbox: bool) -> None:
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split in repo.labels:
+        lines += [f"  - split: {split}", f"    path: data/{split}-*"]
+    lines += ["dataset_info:", "  features:", "  - name: image", "    dtype: image", "  - name: label", "    dtype:"]
+    lines += ["      class_label:", "        names:"]
+    lines += [f"          '{i}': {name}" for i, name in enumerate(repo.class_names)]
+    if with_bbox:
+        lines += ["  - name: bbox", "    sequence: float64"]
+    lines += ["  splits:"]
+    for split, size in repo.split_sizes.items():
+        lines += [f"  - name: {split}", "    num_bytes: 1000", f"    num_examples: {size}"]
+    lines += ["---", "", "A local stand-in of a hub dataset repository, made by the tests."]
+    _write_lines(path, lines)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import did_you_mean
 from .archives import BBOX_FORMAT, CUB_DIR
 from .cache import default_cache_dir
 from .cifar import CIFAR_LAYOUTS, detect_cifar_layout
 from .errors import DatasetError, SkippedFile
-from .hub import HUB_REPOS, load_hub_dataset
+from .hub import HUB_COPIES, load_hub_dataset
 from .local import load_cifar_dataset, load_digits_dataset, load_local_dataset
 from .splits import add_validation_split
 
@@ -43,6 +43,7 @@ class ImageDatasetInfo:
         name: Source kind: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'`` or ``'imagefolder'``.
         origin: ``'hub'`` (Hugging Face hub copy), ``'local'`` (a folder) or ``'builtin'`` (digits).
         source: Hub repository id, resolved local folder, or ``'sklearn.datasets.load_digits'``.
+        revision: Hub commit (or branch / tag) the hub copy was read at; None for local sources and unpinned copies.
         class_names: Class names in label order.
         split_sizes: Rows per split.
         val_fraction: Fraction of train drawn as validation (None when the source ships its own validation split).
@@ -58,6 +59,7 @@ class ImageDatasetInfo:
     origin: str
     source: str
     class_names: list[str]
+    revision: str | None = None
     split_sizes: dict[str, int] = field(default_factory=dict)
     val_fraction: float | None = None
     split_seed: int | None = None
@@ -81,6 +83,7 @@ class ImageDatasetInfo:
             "name": self.name,
             "origin": self.origin,
             "source": self.source,
+            "revision": self.revision,
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "split_sizes": dict(self.split_sizes),
@@ -115,8 +118,8 @@ def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None)
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        hint = did_you_mean(key, [*DATASET_NAMES, *_ALIASES])
-        hint = f". {hint}" if hint else ""
+        close = difflib.get_close_matches(key, [*DATASET_NAMES, *_ALIASES], n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise DatasetError(
             f"unknown data set {str(name_or_path)!r} (and no such folder){hint}; known: {', '.join(DATASET_NAMES)}, "
             "or the path of a local folder (official CUB/Cars/CIFAR archive or an imagefolder tree)"
@@ -143,6 +146,7 @@ def load_image_dataset(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     skip_corrupt: bool = False,
+    hub_revision: str | None = None,
 ) -> tuple[DatasetDict, ImageDatasetInfo]:
     """Load an image-classification data set as ``train`` / ``validation`` / ``test`` splits.
 
@@ -168,22 +172,35 @@ def load_image_dataset(
         split_seed: Seed of that draw, independent of any run seed and of global random state.
         skip_corrupt: Leave out missing or undecodable images instead of failing; they are listed in
             ``info.skipped``. Not used by CIFAR, whose images are arrays inside the batch files.
+        hub_revision: Commit, branch or tag of the hub copy to read instead of the pinned commit
+            (``timm_bninit.data.hub.HUB_COPIES``). Only for a hub copy: refused with a ``data_dir`` or a local source.
 
     Returns:
         ``(DatasetDict, ImageDatasetInfo)``. Columns: ``image`` (``datasets.Image``), ``label``
-        (``datasets.ClassLabel``), ``bbox`` for CUB and Cars, ``coarse_label`` (the 20 superclasses) for CIFAR-100,
+        (``datasets.ClassLabel``), ``bbox`` (``info.has_bbox``) for CUB and for the local Cars archive (hub Cars has
+        no boxes), ``coarse_label`` (the 20 superclasses) for CIFAR-100,
         and ``file`` (path within the source; ``<batch file>/<row>`` for CIFAR) for local sources.
 
     Raises:
         DatasetError: the source is missing, malformed, has bad labels, empty classes or unreadable images, or the
-            hub is unreachable; the message names the file and what to do.
+            hub is unreachable, or the hub copy's split sizes or classes are not the official ones; the message names
+            the file and what to do.
     """
     kind, folder = resolve_source(name_or_path, data_dir)
     cache_root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
 
-    if folder is None and kind in HUB_REPOS:
-        official = load_hub_dataset(kind, cache_root / "hub" if cache_dir is not None else None)
-        info = ImageDatasetInfo(kind, "hub", HUB_REPOS[kind], list(official["train"].features["label"].names))
+    from_hub = folder is None and kind in HUB_COPIES
+    if hub_revision is not None and not from_hub:
+        where = f"the local folder {str(folder)!r}" if folder is not None else f"{kind!r}, which has no hub copy"
+        raise DatasetError(
+            f"hub_revision={hub_revision!r} selects a hub copy's commit, but the data come from {where}; "
+            "drop hub_revision, or drop data_dir to read the hub copy"
+        )
+    if from_hub:
+        copy = HUB_COPIES[kind]
+        official = load_hub_dataset(kind, cache_root / "hub" if cache_dir is not None else None, revision=hub_revision)
+        names = list(official["train"].features["label"].names)
+        info = ImageDatasetInfo(kind, "hub", copy.repo, names, revision=hub_revision or copy.revision)
     else:
         if kind == "digits":
             loaded = load_digits_dataset(cache_root)
