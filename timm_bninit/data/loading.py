@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import did_you_mean
 from .archives import BBOX_FORMAT, CUB_DIR
 from .cache import default_cache_dir
 from .cifar import CIFAR_LAYOUTS, detect_cifar_layout
@@ -118,8 +118,8 @@ def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None)
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        close = difflib.get_close_matches(key, [*DATASET_NAMES, *_ALIASES], n=3)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(key, [*DATASET_NAMES, *_ALIASES])
+        hint = f". {hint}" if hint else ""
         raise DatasetError(
             f"unknown data set {str(name_or_path)!r} (and no such folder){hint}; known: {', '.join(DATASET_NAMES)}, "
             "or the path of a local folder (official CUB/Cars/CIFAR archive or an imagefolder tree)"
