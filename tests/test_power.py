@@ -2,11 +2,17 @@
 out in the tests, and published G*Power figures."""
 
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
+from timm_bninit.errors import BNInitError
+from timm_bninit.experiment import layout
+from timm_bninit.experiment.cli import compare_main
 from timm_bninit.experiment.power import (
     PowerInputError,
     minimum_detectable_effect,
@@ -147,4 +153,94 @@ def test_power_summary_undefined_cases():
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises(PowerInputError, match=message):
         call()
-    assert issubclass(PowerInputError, ValueError)
+    assert issubclass(PowerInputError, ValueError) and issubclass(PowerInputError, BNInitError)
+
+
+# --- compare.py power: planning from a pilot sweep ------------------------------------------------------------
+
+
+def _pilot(out: Path, values: dict[tuple[str, float], list[float]], seeds: list[int]) -> Path:
+    """A finished pilot sweep written through the layout module (what `compare.py run` leaves behind)."""
+    entries = []
+    for (method, lr), accuracies in values.items():
+        for seed, accuracy in zip(seeds, accuracies, strict=True):
+            run_dir = layout.sweep_run_dir(out, method, lr, seed)
+            run_dir.mkdir(parents=True)
+            layout.write_final(run_dir, {"test_acc_at_best_val": accuracy, "test_acc_last": accuracy + 0.25 * seed})
+            entries.append({"method": method, "lr": lr, "seed": seed, "recipe": "pilot", "dataset": "fake",
+                            "run_dir": os.path.relpath(run_dir, out)})
+    layout.write_plan(out, entries)
+    return out
+
+
+def _plan_lines(text: str) -> dict[tuple[str, str], list[str]]:
+    """The printed plan's rows by (method, lr), split on the column gaps."""
+    rows = {}
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 8 and cells[0] == "fake":
+            rows[(cells[1], cells[2])] = cells[3:]
+    return rows
+
+
+def _mde_by_hand(sd: float, n: int, alpha: float, power: float) -> float:
+    critical = stats.t.ppf(1 - alpha, n - 1)
+    nc = optimize.brentq(lambda nc: stats.nct.sf(critical, n - 1, nc) - power, 0, 60, xtol=1e-12)
+    return nc * sd / math.sqrt(n)
+
+
+def _seeds_by_hand(effect: float, sd: float, alpha: float, power: float) -> int:
+    n = 2
+    while stats.nct.sf(stats.t.ppf(1 - alpha, n - 1), n - 1, effect * math.sqrt(n) / sd) < power:
+        n += 1
+    return n
+
+
+PILOT_SEEDS = [101, 102, 103, 104]
+PILOT = {("base", 0.1): [90.0, 90.5, 91.0, 89.0], ("gamma", 0.1): [91.0, 90.0, 92.5, 89.5],
+         ("base", 0.01): [85.0, 84.0, 86.0, 85.5], ("gamma", 0.01): [86.5, 85.2, 86.1, 87.0]}
+
+
+@pytest.mark.parametrize("argv,alpha,power,planned", [
+    ([], 0.05, 0.8, 15),
+    (["--power", "0.9", "--alpha", "0.1", "--planned-seeds", "20"], 0.1, 0.9, 20),
+])
+def test_compare_power_prints_the_plan(tmp_path, capsys, argv, alpha, power, planned):
+    pilot = _pilot(tmp_path / "pilot", PILOT, PILOT_SEEDS)
+    assert compare_main(["power", "--pilot", str(pilot), "--effect", "0.5", *argv]) == 0
+    text = capsys.readouterr().out
+    assert f"MDE at {planned} seeds" in text and "seeds for +0.5" in text
+    rows = _plan_lines(text)
+    assert set(rows) == {("gamma", "0.1"), ("gamma", "0.01")}
+    for lr in (0.1, 0.01):
+        diff = np.subtract(PILOT[("gamma", lr)], PILOT[("base", lr)])
+        sd = float(np.std(diff, ddof=1))
+        n, sd_text, seeds, mde_pilot, mde_planned = rows[("gamma", f"{lr:g}")]
+        assert n == "4"
+        assert float(sd_text) == pytest.approx(sd, abs=5e-4)
+        assert int(seeds) == _seeds_by_hand(0.5, sd, alpha, power)
+        assert float(mde_pilot) == pytest.approx(_mde_by_hand(sd, 4, alpha, power), abs=5e-4)
+        assert float(mde_planned) == pytest.approx(_mde_by_hand(sd, planned, alpha, power), abs=5e-4)
+
+
+def test_compare_power_uses_the_metric_and_baseline_asked_for(tmp_path, capsys):
+    pilot = _pilot(tmp_path / "pilot", PILOT, PILOT_SEEDS)
+    assert compare_main(["power", "--pilot", str(pilot), "--effect", "1", "--metric", "last",
+                         "--baseline", "gamma"]) == 0
+    rows = _plan_lines(capsys.readouterr().out)
+    assert set(rows) == {("base", "0.1"), ("base", "0.01")}
+    # test_acc_last adds 0.25·seed to both methods, so the paired differences are those of best_val, sign flipped
+    diff = np.subtract(PILOT[("base", 0.1)], PILOT[("gamma", 0.1)])
+    assert float(rows[("base", "0.1")][1]) == pytest.approx(float(np.std(diff, ddof=1)), abs=5e-4)
+
+
+def test_compare_power_refuses_bad_plans(tmp_path, capsys):
+    pilot = _pilot(tmp_path / "pilot", PILOT, PILOT_SEEDS)
+    assert compare_main(["power", "--pilot", str(pilot), "--effect", "-0.5"]) == 2
+    assert "effect to detect must be a positive number" in capsys.readouterr().err
+    only_base = _pilot(tmp_path / "only_base", {("base", 0.1): PILOT[("base", 0.1)]}, PILOT_SEEDS)
+    assert compare_main(["power", "--pilot", str(only_base), "--effect", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "no method paired with 'base'" in err and len(err.strip().splitlines()) == 1
+    assert compare_main(["power", "--pilot", str(tmp_path / "nowhere"), "--effect", "0.5"]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BNInitError
 from .layout import default_run_dir
 from .recipe import apply_overrides, list_recipes, load_recipe
-from .report import write_report
+from .report import pilot_plan_text, plan_from_pilot, write_report
 from .study import run_study
 from .sweep import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
 from .train import run_finetune
@@ -114,12 +114,32 @@ def _compare_parser() -> argparse.ArgumentParser:
     report.add_argument("--holm", action="store_true", help="Holm-correct p-values across the methods of a column")
     report.add_argument("--report-dir", help="where to write (default <out>/report)")
     report.add_argument("--no-plots", action="store_true")
+
+    power = commands.add_parser("power", help="plan a study from a pilot sweep: the seeds needed to detect an "
+                                              "effect, and the smallest effect a design detects")
+    power.add_argument("--pilot", required=True, help="a finished pilot sweep directory (the baseline and at least "
+                                                      "one other method on the same two or more seeds)")
+    power.add_argument("--effect", type=float, required=True,
+                       help="the true mean difference to detect, in percentage points, e.g. 0.5")
+    power.add_argument("--power", type=float, default=0.8, help="target power (default 0.8)")
+    power.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided paired t-test (default 0.05)")
+    power.add_argument("--metric", default="best_val", choices=["best_val", "last"],
+                       help="test accuracy at the best-validation epoch (default) or at the last epoch")
+    power.add_argument("--baseline", default="base", help="the method every other is paired with")
+    power.add_argument("--planned-seeds", type=int, default=15,
+                       help="seeds of the planned study, for the last MDE column (default 15, the paper's)")
     return parser
 
 
 @_one_line_errors
 def compare_main(argv: list[str] | None = None) -> int:
     args = _compare_parser().parse_args(argv)
+    if args.command == "power":
+        rows = plan_from_pilot(args.pilot, args.effect, alpha=args.alpha, power=args.power, metric=args.metric,
+                               baseline=args.baseline, planned_seeds=args.planned_seeds)
+        print(pilot_plan_text(rows, args.effect, alpha=args.alpha, power=args.power,
+                              planned_seeds=args.planned_seeds))
+        return 0
     if args.command == "report":
         for path in write_report(args.out, args.report_dir, metric=args.metric, baseline=args.baseline,
                                  use_holm=args.holm, plots=not args.no_plots):

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, stats
 
+from ..errors import BNInitError
+
 __all__ = ["PowerInputError", "PairedDifference", "PowerSummary", "paired_difference", "paired_t_power",
            "minimum_detectable_effect", "seeds_needed", "power_summary"]
 
 
-class PowerInputError(ValueError):
+class PowerInputError(BNInitError, ValueError):
     """Input a power computation cannot use (too few pairs, unequal lengths, zero spread, out-of-range levels)."""
 
 

@@ -1,6 +1,9 @@
 """Reports of a sweep: mean ± std (n) per method and learning rate, one-sided paired t-tests against the baseline
 (``scipy.stats.ttest_rel(method, base, alternative='greater')``, pairs matched by seed), optional Holm correction
-across the methods of a column, as Markdown, CSV and LaTeX, plus plots."""
+across the methods of a column, as Markdown, CSV and LaTeX, plus plots. Under every table a power section: each
+method's mean difference to the baseline with its 95% CI, the smallest effect the design detects with 80% power, and
+the seeds that would detect the observed difference (:mod:`.power`); :func:`plan_from_pilot` plans a study from a
+pilot sweep the same way."""
 
 from __future__ import annotations
 
@@ -17,12 +20,15 @@ from scipy import stats
 
 from ..errors import BNInitError
 from . import layout
+from .power import PowerInputError, PowerSummary, minimum_detectable_effect, power_summary, seeds_needed
 
-__all__ = ["IncompleteSweepError", "Cell", "SweepTable", "load_sweep", "summarise", "holm", "write_report",
-           "METRICS"]
+__all__ = ["IncompleteSweepError", "Cell", "SweepTable", "PilotRow", "load_sweep", "summarise", "holm",
+           "write_report", "power_markdown", "plan_from_pilot", "pilot_plan_text", "METRICS"]
 
 METRICS = layout.RESULT_METRICS
 ALPHA = 0.05
+POWER = 0.8                 # the target power of every MDE and seed count in a report
+PLANNED_SEEDS = 15          # REFERENCE.md §6: the paper's 15 paired seeds
 
 
 class IncompleteSweepError(BNInitError, RuntimeError):
@@ -38,6 +44,7 @@ class Cell:
     p: float | None = None          # one-sided paired t-test against the baseline (None for the baseline)
     p_holm: float | None = None
     t: float | None = None
+    power: PowerSummary | None = None   # difference to the baseline and the design's power (None: baseline, n < 2)
 
     @property
     def n(self) -> int:
@@ -127,6 +134,7 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
                     continue
                 result = stats.ttest_rel(cell.values, base.values, alternative="greater")
                 cell.t, cell.p = float(result.statistic), float(result.pvalue)
+                cell.power = power_summary(cell.values, base.values, alpha=ALPHA, power=POWER)
             for cell, adjusted in zip(compared, holm([c.p for c in compared])):
                 cell.p_holm = adjusted
         tables.append(table)
@@ -170,6 +178,50 @@ def markdown(table: SweepTable) -> str:
     return "\n".join(rows) + "\n" + note
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+def _seeds_text(summary: PowerSummary) -> str:
+    """Seeds needed for the observed difference, or why there is no such number."""
+    if summary.n_needed_for_observed is not None:
+        return str(summary.n_needed_for_observed)
+    if summary.sd_diff == 0:
+        return "n/a (no spread)"
+    if summary.mean_diff <= 0:
+        return "never (observed ≤ 0)"
+    return f"> {summary.max_n:,}"
+
+
+def power_markdown(table: SweepTable) -> str:
+    """The power section under a table: for each method against the baseline, per learning rate, the mean paired
+    difference with its 95% CI, the minimum detectable effect of this design and the seeds the observed difference
+    would need."""
+    rows = ["| method | lr | mean difference [95% CI] | sd of differences | n | MDE at 80% power | "
+            "seeds to detect the observed difference |", "|---|---|---|---|---|---|---|"]
+    for lr in table.lrs:
+        for method in table.methods:
+            cell = table.cells.get((method, lr))
+            if method == table.baseline or cell is None or cell.power is None:
+                continue
+            summary = cell.power
+            mde = "n/a" if math.isnan(summary.mde) else f"{summary.mde:.2f}"
+            rows.append(f"| {method} | {lr:g} | {_signed(summary.mean_diff)} [{_signed(summary.ci_low)}, "
+                        f"{_signed(summary.ci_high)}] | {summary.sd_diff:.2f} | {summary.n} | {mde} | "
+                        f"{_seeds_text(summary)} |")
+    if len(rows) == 2:
+        return (f"### Power ({table.dataset})\n\nNo method has two or more seeds paired with {table.baseline}, so "
+                f"there is no difference to analyse.\n")
+    holm_note = (" The p-values above are Holm-corrected, which lowers each method's level below α, so these MDEs "
+                 "and seed counts are lower bounds for the corrected test." if table.holm else "")
+    note = (f"\nDifferences are method − {table.baseline} per seed, in percentage points. 95% CI: two-sided, "
+            f"paired t (mean ± t(0.975, n − 1)·sd/√n). MDE: the smallest true mean difference that this design "
+            f"(n seeds, this sd) detects with {POWER:.0%} power in the one-sided paired t-test at α = {ALPHA} "
+            f"(noncentral t, the sd taken as known). Seeds: the fewest paired seeds with {POWER:.0%} power for a true "
+            f"difference equal to the observed mean.{holm_note}\n")
+    return f"### Power ({table.dataset})\n\n" + "\n".join(rows) + "\n" + note
+
+
 def latex(table: SweepTable) -> str:
     def esc(text: str) -> str:
         return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
@@ -195,11 +247,20 @@ def latex(table: SweepTable) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _power_columns(summary: PowerSummary | None) -> list[str]:
+    """The CSV's power columns; empty for the baseline, ``nan`` for an undefined MDE, empty for "no seed count"."""
+    if summary is None:
+        return [""] * 6
+    return [f"{summary.mean_diff:.6f}", f"{summary.ci_low:.6f}", f"{summary.ci_high:.6f}", f"{summary.sd_diff:.6f}",
+            f"{summary.mde:.6f}", "" if summary.n_needed_for_observed is None else str(summary.n_needed_for_observed)]
+
+
 def write_csv(tables: list[SweepTable], path: Path) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "metric", "method", "lr", "n", "mean", "std", "t", "p", "p_holm",
-                         "significant", "baseline", "seeds", "values"])
+                         "significant", "baseline", "seeds", "values", "mean_diff", "ci_low", "ci_high", "sd_diff",
+                         "mde", "n_needed_for_observed"])
         for table in tables:
             for (method, lr), cell in table.cells.items():
                 writer.writerow([table.dataset, table.metric, method, lr, cell.n, f"{cell.mean:.6f}",
@@ -207,7 +268,8 @@ def write_csv(tables: list[SweepTable], path: Path) -> None:
                                  "" if cell.p is None else f"{cell.p:.6g}",
                                  "" if cell.p_holm is None else f"{cell.p_holm:.6g}",
                                  cell.significant(table.holm), table.baseline,
-                                 " ".join(map(str, cell.seeds)), " ".join(f"{v:.4f}" for v in cell.values)])
+                                 " ".join(map(str, cell.seeds)), " ".join(f"{v:.4f}" for v in cell.values),
+                                 *_power_columns(cell.power)])
 
 
 def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = None, metric: str = "best_val",
@@ -218,7 +280,7 @@ def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = 
     report_dir = Path(report_dir or Path(out) / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    md = "\n".join(f"## {t.dataset}\n\n{markdown(t)}" for t in tables)
+    md = "\n".join(f"## {t.dataset}\n\n{markdown(t)}\n{power_markdown(t)}" for t in tables)
     (report_dir / "report.md").write_text(md)
     write_csv(tables, report_dir / "report.csv")
     written += [report_dir / "report.md", report_dir / "report.csv"]
@@ -231,3 +293,98 @@ def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = 
 
         written += plot_sweep(runs, report_dir)
     return written
+
+
+@dataclass(frozen=True)
+class PilotRow:
+    """One method and learning rate of a pilot sweep, as a plan for the confirmatory study.
+
+    Attributes:
+        dataset: the data set of the pilot's table.
+        method: the method compared with the baseline.
+        lr: the learning rate.
+        n: paired seeds in the pilot.
+        sd_diff: sample std of the pilot's per-seed differences (method − baseline).
+        seeds_for_effect: fewest paired seeds that detect the planned effect with the target power; None when the
+            pilot's differences have no spread or more than the search limit would be needed.
+        mde_at_pilot: minimum detectable effect with the pilot's n (NaN without spread).
+        mde_at_planned: minimum detectable effect with the planned number of seeds (NaN without spread).
+    """
+
+    dataset: str
+    method: str
+    lr: float
+    n: int
+    sd_diff: float
+    seeds_for_effect: int | None
+    mde_at_pilot: float
+    mde_at_planned: float
+
+
+def plan_from_pilot(pilot: str | os.PathLike, effect: float, alpha: float = ALPHA, power: float = POWER,
+                    metric: str = "best_val", baseline: str = "base", planned_seeds: int = PLANNED_SEEDS,
+                    max_n: int = 10_000) -> list[PilotRow]:
+    """Plan a study from a finished pilot sweep: per method and learning rate, the sd of the paired differences,
+    the seeds needed to detect ``effect`` and the minimum detectable effect at the pilot's and the planned n.
+
+    Args:
+        pilot: the pilot's sweep directory (every planned run finished, at least two seeds, a baseline and another
+            method).
+        effect: the true mean difference to detect, in the metric's unit (percentage points).
+        alpha: level of the one-sided paired t-test.
+        power: target power.
+        metric: ``best_val`` or ``last`` (as for the report).
+        baseline: the method every other is paired with.
+        planned_seeds: the confirmatory study's number of seeds, for the last column.
+        max_n: largest number of seeds searched.
+
+    Raises:
+        PowerInputError: a non-positive effect, levels out of range, or a pilot without a paired comparison.
+        IncompleteSweepError: the pilot has unfinished runs or unpaired seeds.
+    """
+    if not (math.isfinite(effect) and effect > 0):
+        raise PowerInputError(f"the effect to detect must be a positive number of percentage points, got {effect!r}")
+    if planned_seeds < 2:
+        raise PowerInputError(f"planned seeds must be at least 2 for a paired t-test, got {planned_seeds}")
+    rows = []
+    for table in summarise(load_sweep(pilot), metric=metric, baseline=baseline):
+        for lr in table.lrs:
+            for method in table.methods:
+                cell = table.cells.get((method, lr))
+                if method == baseline or cell is None or cell.power is None:
+                    continue
+                sd = cell.power.sd_diff
+                if sd > 0:
+                    needed = seeds_needed(effect, sd, alpha, power, max_n)
+                    at_pilot = minimum_detectable_effect(sd, cell.n, alpha, power)
+                    at_planned = minimum_detectable_effect(sd, planned_seeds, alpha, power)
+                else:
+                    needed, at_pilot, at_planned = None, float("nan"), float("nan")
+                rows.append(PilotRow(table.dataset, method, lr, cell.n, sd, needed, at_pilot, at_planned))
+    if not rows:
+        raise PowerInputError(f"{pilot} has no method paired with {baseline!r} on two or more seeds, so there are no "
+                              "differences to estimate the spread from; run the pilot with the baseline and at least "
+                              "one other method on the same seeds (two or more)")
+    return rows
+
+
+def pilot_plan_text(rows: list[PilotRow], effect: float, alpha: float = ALPHA, power: float = POWER,
+                    planned_seeds: int = PLANNED_SEEDS, max_n: int = 10_000) -> str:
+    """The plan as an aligned text table, one line per method and learning rate."""
+    def number(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+    def seeds(row: PilotRow) -> str:
+        if row.seeds_for_effect is not None:
+            return str(row.seeds_for_effect)
+        return "n/a (no spread)" if row.sd_diff == 0 else f"> {max_n}"
+
+    header = ["dataset", "method", "lr", "pilot n", "sd of differences", f"seeds for +{effect:g}",
+              "MDE at pilot n", f"MDE at {planned_seeds} seeds"]
+    body = [[row.dataset, row.method, f"{row.lr:g}", str(row.n), number(row.sd_diff), seeds(row),
+             number(row.mde_at_pilot), number(row.mde_at_planned)] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in [header, *body]]
+    note = (f"One-sided paired t-test against the baseline at α = {alpha:g}, power {power:g} (noncentral t, the "
+            f"pilot's sd taken as the true one). Effects and MDEs in percentage points.")
+    return "\n".join([*lines, "", note])
