@@ -1,6 +1,4 @@
-"""Offline pretrained loading, create_model across families, and the SyncBatchNorm guard."""
-
-import warnings
+"""Offline pretrained loading and create_model across families (the SyncBatchNorm guard: tests/test_sync.py)."""
 
 import huggingface_hub.constants
 import pytest
@@ -140,32 +138,3 @@ def test_timm_zero_init_last_false_lands_gamma0_on_all_53_layers():
     model = timm.create_model("resnet50", norm_layer="bn_gamma01", zero_init_last=False)
     layers = bn_layers(model)
     assert len(layers) == 53 and all(torch.all(m.weight == 0.1) for m in layers)
-
-
-def test_sync_conversion_keeps_gamma_variants():
-    model = tb.create_model("resnet18", "bn_gamma01")
-    for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm,
-                    tb.convert_sync_batchnorm):
-        synced = convert(tb.create_model("resnet18", "bn_gamma01"))
-        layers = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        assert layers and all(isinstance(m, tb.SyncBatchNormGamma) and m.gamma_lr_div == 100 for m in layers)
-        assert all(torch.all(m.weight == 0.1) for m in layers)
-        groups = {g["name"]: g for g in tb.param_groups(synced)}
-        assert groups["bn_gamma"]["lr_scale"] == 0.01 and len(groups["bn_gamma"]["params"]) == len(layers)
-    fused = timm.layers.convert_sync_batchnorm(tb.create_model("efficientnet_b0", "bn_gamma01"))
-    assert isinstance(fused.bn1, tb.SyncBatchNormGammaAct) and isinstance(fused.bn1.act, nn.SiLU)
-    del model
-
-
-@pytest.mark.parametrize("name", ["rbn", "iebn_unit", "bn_blend05"])
-def test_sync_conversion_refuses_per_device_variants(name):
-    for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm):
-        with pytest.raises(tb.VariantSyncError, match=r"per device.*do not convert to SyncBatchNorm"):
-            convert(tb.create_model("resnet18", name))
-
-
-def test_sync_conversion_of_plain_models_is_unchanged():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        synced = nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model("resnet18"))
-    assert {type(m) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {nn.SyncBatchNorm}

@@ -18,12 +18,14 @@ with small (N, C) tensors A and B; the kernels that apply it live beside this fi
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from .norm_kernels import PlaneAffineFunction, plane_affine
+from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine
 
 __all__ = [
     "BatchNormVariant",
@@ -157,8 +159,30 @@ def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
 
 
+class _BatchMoments(NamedTuple):
+    """A training batch's per-channel statistics, as the backward pass needs them."""
+
+    mean: torch.Tensor  # μ (C,)
+    var: torch.Tensor  # biased σ² (C,)
+    centered_mean: torch.Tensor  # m − μ per plane (N, C)
+    plane_weight: float  # each local plane's share of the (global) batch: H·W / count
+    group: dist.ProcessGroup | None  # the processes μ and σ² were synchronised over, None for local statistics
+
+
 class _CalibratedBase(BatchNormVariant):
-    """Forward machinery shared by RBN, IEBN and the blended-σ layer."""
+    """Forward machinery shared by RBN, IEBN and the blended-σ layer.
+
+    Attributes:
+        sync_batch_stats: in training, compute the batch statistics (μ, σ² per channel) over the batches of every
+            process of ``process_group`` (torch.distributed's default group when None), as ``nn.SyncBatchNorm``
+            does; set by :func:`timm_bninit.convert_sync_batchnorm`. The per-sample calibrations stay per sample.
+            A flag on the same class, not a subclass, so that state-dict keys, ``isinstance`` checks and the
+            registry's plain/Act pairing are the same for synchronised layers.
+        process_group: see ``sync_batch_stats``.
+    """
+
+    sync_batch_stats: bool = False
+    process_group: dist.ProcessGroup | None = None
 
     def _stats_dtype(self, x: torch.Tensor) -> torch.dtype:
         # statistics in at least float32 (as BN does under mixed precision); float64 stays float64 for gradcheck
@@ -175,15 +199,29 @@ class _CalibratedBase(BatchNormVariant):
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
-    def _batch_mean_var(self, mean_nc: torch.Tensor, var_nc: torch.Tensor,
-                        plane_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sync_group(self) -> dist.ProcessGroup | None:
+        """The process group whose batches make up this training step's batch statistics, or None (local)."""
+        if not (self.sync_batch_stats and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _batch_mean_var(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int) -> _BatchMoments:
         """Per-channel batch mean μ and biased variance σ² from per-(sample, channel) ones over equal-sized planes
-        (law of total variance), and the centred plane means m − μ; updates the running statistics."""
+        (law of total variance), over every process's batch when synchronised; updates the running statistics."""
         mean = mean_nc.mean(0)
         centered_mean = mean_nc - mean
         var = torch.addcmul(var_nc, centered_mean, centered_mean).mean(0)
-        self._update_running_stats(mean, var, mean_nc.shape[0] * plane_size)
-        return mean, var, centered_mean
+        count = mean_nc.shape[0] * plane_size
+        group = self._sync_group()
+        if group is not None:
+            mean, var, count = all_gather_moments(mean, var, count, group)
+            centered_mean = mean_nc - mean
+            if count <= 1:
+                raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
+                                 f"(got {count} over all processes); use a larger batch or call model.eval()")
+        self._update_running_stats(mean, var, count)
+        return _BatchMoments(mean, var, centered_mean, plane_size / count, group)
 
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         if not (self.training and self.track_running_stats):
@@ -214,13 +252,23 @@ class _CalibratedBase(BatchNormVariant):
 
     @staticmethod
     def _moments_backward(grad_centered_mean: torch.Tensor, grad_batch_var: torch.Tensor,
-                          centered_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Back-propagate through :meth:`_batch_mean_var`: given ∂L/∂u for u = m − μ (N, C) and ∂L/∂σ² (C,),
-        return ∂L/∂m (N, C) and ∂L/∂v (C,) (the same for every sample)."""
-        batch = centered_mean.shape[0]
-        # σ² = mean_n(v) + mean_n(u²): ∂σ²/∂v = 1/N and ∂σ²/∂u = 2u/N; u = m − mean_n(m) centres the gradient
-        total = torch.addcmul(grad_centered_mean, centered_mean, grad_batch_var * (2.0 / batch))
-        return total - total.mean(0), grad_batch_var / batch
+                          moments: _BatchMoments) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back-propagate through :meth:`_batch_mean_var`: given this process's ∂L/∂u for u = m − μ (N, C) and its
+        share of ∂L/∂σ² (C,), return ∂L/∂m (N, C) and ∂L/∂v (C,) (the same for every sample)."""
+        centered_mean = moments.centered_mean
+        if moments.group is None:
+            batch = centered_mean.shape[0]
+            # σ² = mean_n(v) + mean_n(u²): ∂σ²/∂v = 1/N and ∂σ²/∂u = 2u/N; u = m − mean_n(m) centres the gradient
+            total = torch.addcmul(grad_centered_mean, centered_mean, grad_batch_var * (2.0 / batch))
+            return total - total.mean(0), grad_batch_var / batch
+        # μ and σ² are shared by every process's planes, so their gradients are sums over the global batch: one
+        # all-reduce of (Σ_n ∂L/∂u, ∂L/∂σ²). With w = H·W / count per plane, σ² = Σ w·(v + u²) and μ = Σ w·m give
+        # ∂L/∂m = ∂L/∂u + 2w·u·∂L/∂σ² − w·Σ_all ∂L/∂u (the u-term of μ's gradient is 2w·∂L/∂σ²·Σ_all w·u = 0).
+        weight = moments.plane_weight
+        reduced = torch.stack([grad_centered_mean.sum(0), grad_batch_var.expand_as(grad_centered_mean[0])])
+        grad_mean, grad_batch_var = all_reduce_sum(reduced, moments.group).unbind(0)
+        total = torch.addcmul(grad_centered_mean, centered_mean, grad_batch_var * (2.0 * weight))
+        return total.sub_(grad_mean * weight), grad_batch_var * weight
 
     def _calibration_params(self) -> tuple[torch.Tensor | None, ...]:
         """The parameters that the coefficients depend on, in the order the methods below take them."""
@@ -241,6 +289,9 @@ class _CalibratedBase(BatchNormVariant):
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sync_batch_stats=True" if self.sync_batch_stats else super().extra_repr()
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
             return PlaneAffineFunction.apply(x, self, *self._calibration_params())
@@ -249,7 +300,8 @@ class _CalibratedBase(BatchNormVariant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x)
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        if self.training and count <= 1:  # as nn.BatchNorm2d, whether or not running statistics are tracked
+        # as nn.BatchNorm2d, whether or not running statistics are tracked; synchronised, the global count decides
+        if self.training and count <= 1 and not self.sync_batch_stats:
             raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
                              f"(got batch × H × W = {count}); use a larger batch or call model.eval()")
         y = self.normalize(x)
@@ -322,12 +374,13 @@ class _RBNBase(_CalibratedBase):
         # x_c = x + w_m·GAP(x) shifts each (n, c) plane by a constant: its within-plane variance is unchanged, so
         # the batch statistics of x_c follow from (m_c, v) with m_c = (1 + w_m)·m.
         calibrated_mean_nc = torch.addcmul(mean_nc, mean_nc, params[2].to(mean_nc.dtype))
-        _, var, centered_mean = self._batch_mean_var(calibrated_mean_nc, var_nc, plane_size)
-        return self._coefficients(mean_nc, centered_mean, var, *params)
+        moments = self._batch_mean_var(calibrated_mean_nc, var_nc, plane_size)
+        scale, shift, saved = self._coefficients(mean_nc, moments.centered_mean, moments.var, *params)
+        return scale, shift, (moments, *saved)
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
-        (mean_nc, centering_weight, centered_mean, gap_normalized, inv_std, sigmoid, calibration, scale, gamma,
-         logit_weight) = saved
+        (moments, mean_nc, centering_weight, centered_mean, gap_normalized, inv_std, sigmoid, calibration, scale,
+         gamma, logit_weight) = saved
         grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean)  # B = A·u + β depends on A too
         grad_gain = (grad_scale * calibration).sum(0)
         grad_calibration = grad_scale * scale  # ∂L/∂s · s
@@ -337,7 +390,7 @@ class _RBNBase(_CalibratedBase):
             gamma, torch.Tensor) else (grad_gap * centered_mean).sum(0).add_(grad_gain)
         grad_batch_var = grad_inv_std.mul_(inv_std.pow(3)).mul_(-0.5)
         grad_centered_mean = torch.addcmul(grad_shift * scale, grad_gap, inv_std)
-        grad_calibrated_mean, grad_var = self._moments_backward(grad_centered_mean, grad_batch_var, centered_mean)
+        grad_calibrated_mean, grad_var = self._moments_backward(grad_centered_mean, grad_batch_var, moments)
         param_grads = (grad_gain * inv_std, grad_shift.sum(0), (grad_calibrated_mean * mean_nc).sum(0),
                        (grad_logit * gap_normalized).sum(0), grad_logit.sum(0))
         return torch.addcmul(grad_calibrated_mean, grad_calibrated_mean, centering_weight), grad_var, param_grads
@@ -411,18 +464,18 @@ class _IEBNBase(_CalibratedBase):
         return scale, self._affine_shift(beta, scale, mean), saved
 
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
-        mean, var, centered_mean = self._batch_mean_var(mean_nc, var_nc, plane_size)
-        scale, shift, saved = self._coefficients(mean_nc, mean, var, *params)
-        return scale, shift, (centered_mean, *saved)
+        moments = self._batch_mean_var(mean_nc, var_nc, plane_size)
+        scale, shift, saved = self._coefficients(mean_nc, moments.mean, moments.var, *params)
+        return scale, shift, (moments, *saved)
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
-        centered_mean, mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight = saved
-        grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean)  # B = A·(m − μ) + β depends on A too
+        moments, mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight = saved
+        grad_scale = torch.addcmul(grad_scale, grad_shift, moments.centered_mean)  # B = A·(m − μ) + β depends on A
         grad_gain = (grad_scale * attention).sum(0)
         grad_attention = grad_scale * scale  # ∂L/∂a · a
         grad_logit = torch.addcmul(grad_attention, grad_attention, sigmoid, value=-1.0)  # ∂a/∂z = a·(1 − σ(z))
         grad_batch_var = (grad_gain * gamma).mul_(inv_std.pow(3)).mul_(-0.5)
-        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, centered_mean)
+        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, moments)
         param_grads = (grad_gain * inv_std, grad_shift.sum(0), (grad_logit * mean_nc).sum(0), grad_logit.sum(0))
         return grad_mean_nc.addcmul_(grad_logit, logit_weight), grad_var, param_grads
 
@@ -459,7 +512,9 @@ class _BlendedStdBase(_CalibratedBase):
     * Eval uses the running statistics exactly as BN does: ``(x − running_mean) / sqrt(running_var + ε) + β``.
     * There is no γ: ``weight`` is an unused placeholder buffer (not a parameter, not saved) so that model families'
       init code still runs, and a γ ≠ 1 in a loaded checkpoint is dropped with a warning.
-    * Under DDP both σ_B and σ_prev are per-device, as plain BN's batch statistics are.
+    * Under DDP both σ_B and σ_prev are per-device, as plain BN's batch statistics are, unless the layer is
+      synchronised (``sync_batch_stats``, set by :func:`timm_bninit.convert_sync_batchnorm`): then σ_B is the global
+      batch's and σ_prev the previous global batch's, the same on every process.
     """
 
     extra_tensor_names = ("prev_std",)
@@ -494,8 +549,8 @@ class _BlendedStdBase(_CalibratedBase):
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, bias):
         """(A, B') with ``y = x·A + B'``: y = (x − μ)/σ + β, σ blended with the previous batch's in training."""
         dtype = mean_nc.dtype
-        mean, var, centered_mean = self._batch_mean_var(mean_nc, var_nc, plane_size)
-        batch_std = (var + self.eps).sqrt_()
+        moments = self._batch_mean_var(mean_nc, var_nc, plane_size)
+        mean, batch_std = moments.mean, (moments.var + self.eps).sqrt_()
         std, std_grad_factor = batch_std, 1.0  # ∂σ/∂σ_B
         if self.training:
             has_prev = self.prev_std > 0
@@ -506,14 +561,14 @@ class _BlendedStdBase(_CalibratedBase):
             self.prev_std.copy_(batch_std)
         scale = std.reciprocal()
         beta = bias.to(dtype) if bias is not None else 0.0
-        return scale, self._affine_shift(beta, scale, mean), (centered_mean, batch_std, std_grad_factor, scale)
+        return scale, self._affine_shift(beta, scale, mean), (moments, batch_std, std_grad_factor, scale)
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
-        centered_mean, batch_std, std_grad_factor, scale = saved
-        grad_scale = torch.addcmul(grad_scale, grad_shift, centered_mean).sum(0)  # B = A·u + β depends on A too
+        moments, batch_std, std_grad_factor, scale = saved
+        grad_scale = torch.addcmul(grad_scale, grad_shift, moments.centered_mean).sum(0)  # B = A·u + β depends on A
         # A = 1/σ, σ = α·σ_prev + (1 − α)·σ_B (σ_prev constant), σ_B = sqrt(σ² + ε)
         grad_batch_var = (grad_scale * scale.square()).mul_(std_grad_factor).div_(batch_std).mul_(-0.5)
-        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, centered_mean)
+        grad_mean_nc, grad_var = self._moments_backward(grad_shift * scale, grad_batch_var, moments)
         return grad_mean_nc, grad_var, (grad_shift.sum(0),)
 
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:

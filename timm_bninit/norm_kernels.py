@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PlaneAffineFunction", "plane", "plane_affine", "plane_grad_sums", "plane_moments"]
+__all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
+           "plane_moments"]
 
 # Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
 # contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
@@ -30,6 +32,8 @@ def plane(values: torch.Tensor) -> torch.Tensor:
 
 
 def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot trace the ``out=`` BN kernels, and inductor fuses the portable ops itself
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
                for t in tensors)
 
@@ -46,7 +50,7 @@ def plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tens
     mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
     batch, mean = x.shape[0], plane(mean_nc)
     step = batch
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled, x − m is fused into the reduction
         step = max(1, min(batch, _VARIANCE_CHUNK_ELEMENTS // max(1, x[0].numel())))
     if step == batch:
         norm_nc = torch.linalg.vector_norm(x - mean, dim=(2, 3), dtype=stats_dtype)
@@ -91,6 +95,39 @@ def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor
     return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
 
 
+# Cross-process reductions of the per-channel batch statistics (synchronised RBN / IEBN / blended-σ).
+
+
+def all_gather_moments(mean: torch.Tensor, var: torch.Tensor, count: int,
+                       group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The per-channel mean and biased variance of the union of every process's batch, from each process's own
+    (mean, biased variance, element count).
+
+    Every process sends its (count, μ_r, σ²_r) in one all-gather and combines them in the same order, so all agree
+    bit for bit: μ = Σ n_r·μ_r / n and σ² = Σ n_r·(σ²_r + (μ_r − μ)²) / n (the law of total variance over processes,
+    Chan et al.'s pairwise form). Why not one all-reduce of Σx and Σx²: σ² = Σx²/n − μ² cancels catastrophically in
+    float32 when |μ| ≫ σ, which BN's own two-pass statistics avoid; torch's SyncBatchNorm gathers for the same reason.
+    """
+    channels = mean.shape[0]
+    local = torch.cat([mean.new_full((1,), float(count)), mean, var])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered)
+    counts, means, variances = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
+    total = counts.sum()
+    weights = counts / total
+    global_mean = (weights * means).sum(0)
+    deviation = means - global_mean
+    global_var = (weights * torch.addcmul(variances, deviation, deviation)).sum(0)
+    return global_mean, global_var, round(total.item())
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``tensor`` summed over the processes of ``group`` (in place, returned for chaining)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
 class PlaneAffineFunction(torch.autograd.Function):
     """Training-mode forward and backward of a calibrated layer, ``y = x·A + B'`` where the per-plane (N, C) or
     per-channel (C,) A and B' are functions of the per-(sample, channel) mean m and biased variance v of ``x`` over
@@ -107,11 +144,11 @@ class PlaneAffineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
         mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
-        values = tuple(None if p is None else p.detach() for p in params)  # plain tensors: no Parameter dispatch
+        values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
         scale, shift, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
         ctx.save_for_backward(x)
         ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
-        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in params)
+        ctx.param_dtypes = [None if p is None else p.dtype for p in params]
         return plane_affine(x, scale, shift)
 
     @staticmethod
@@ -132,6 +169,6 @@ class PlaneAffineFunction(torch.autograd.Function):
             coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
             grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
             grad_x.addcmul_(x, plane(coef_x))
-        param_grads = tuple(grad.to(dtype) if needed else None
-                            for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:]))
+        param_grads = [grad.to(dtype) if needed else None
+                       for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)

@@ -6,8 +6,11 @@ computation. :func:`convert_sync_batchnorm` instead
 
 * converts the γ-init variants (plain BN at run time) to :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`,
   which keep ``gamma_init`` and ``gamma_lr_div`` so :func:`timm_bninit.param_groups` still divides γ's rate;
-* refuses, with :class:`VariantSyncError`, the layers whose calibration is computed per device (RBN, IEBN,
-  blended-σ BN), naming them and saying what to do.
+* keeps RBN, IEBN and blended-σ BN layers (and their Act twins) as they are and switches on their own synchronised
+  batch statistics (``sync_batch_stats``): their per-channel μ and σ² are BN's and are all-gathered across
+  processes, while their calibrations stay per sample. Class, state-dict keys and parameters are unchanged;
+* refuses, with :class:`VariantSyncError`, any other :class:`~timm_bninit.norm.BatchNormVariant` subclass (one defined
+  outside this package), whose statistics it does not know how to synchronise.
 
 ``import timm_bninit`` routes torch's and timm's conversion functions through this one whenever the model contains a
 timm-bninit variant (models without one convert exactly as before).
@@ -29,17 +32,25 @@ from .norm import (
     BatchNormUniformGamma2d,
     BatchNormUniformGammaAct2d,
     BatchNormVariant,
+    BlendedStdBatchNorm2d,
+    BlendedStdBatchNormAct2d,
+    InstanceEnhancementBatchNorm2d,
+    InstanceEnhancementBatchNormAct2d,
+    RepresentativeBatchNorm2d,
+    RepresentativeBatchNormAct2d,
 )
 
 __all__ = ["SyncBatchNormGamma", "SyncBatchNormGammaAct", "VariantSyncError", "convert_sync_batchnorm"]
 
 _GAMMA_INIT_TYPES = (BatchNormGamma2d, BatchNormGammaAct2d, BatchNormUniformGamma2d, BatchNormUniformGammaAct2d)
+_CALIBRATED_TYPES = (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, InstanceEnhancementBatchNorm2d,
+                     InstanceEnhancementBatchNormAct2d, BlendedStdBatchNorm2d, BlendedStdBatchNormAct2d)
 _torch_convert = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
 _timm_convert = _timm_norm_act.convert_sync_batchnorm
 
 
 class VariantSyncError(RuntimeError):
-    """A model holds variants whose statistics cannot be synchronised across devices."""
+    """A model holds norm-layer variants that this package does not know how to synchronise across devices."""
 
 
 class _GammaAttrs:
@@ -61,7 +72,7 @@ class SyncBatchNormGammaAct(_GammaAttrs, SyncBatchNormAct):
 
 def _unsyncable(module: nn.Module) -> list[str]:
     return [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-            if isinstance(m, BatchNormVariant) and not isinstance(m, _GAMMA_INIT_TYPES)]
+            if isinstance(m, BatchNormVariant) and not isinstance(m, _GAMMA_INIT_TYPES + _CALIBRATED_TYPES)]
 
 
 def _contains_variant(module: nn.Module) -> bool:
@@ -89,6 +100,10 @@ def _convert_gamma_layer(layer: nn.BatchNorm2d, process_group) -> nn.Module:
 def _convert(module: nn.Module, process_group) -> nn.Module:
     if isinstance(module, _GAMMA_INIT_TYPES):
         return _convert_gamma_layer(module, process_group)
+    if isinstance(module, _CALIBRATED_TYPES):
+        # the same module, switched to global batch statistics: nothing to copy, no key or parameter changes
+        module.sync_batch_stats, module.process_group = True, process_group
+        return module
     if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
         return _timm_convert(module, process_group)
     for name, child in module.named_children():
@@ -99,10 +114,14 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Convert BN layers to synchronised BN, keeping γ-init variants' settings; refuse per-device variants.
+    """Convert BN layers to synchronised BN, keeping every variant's class and behaviour.
+
+    Plain BN layers become ``nn.SyncBatchNorm`` / timm's ``SyncBatchNormAct`` (as timm converts them), γ-init variants
+    :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`, and RBN / IEBN / blended-σ layers stay themselves
+    with ``sync_batch_stats = True`` (in place). ``process_group`` defaults to torch.distributed's default group.
 
     Raises:
-        VariantSyncError: the model holds RBN, IEBN or blended-σ BN layers.
+        VariantSyncError: the model holds a ``BatchNormVariant`` subclass defined outside timm-bninit.
 
     Example::
 
@@ -112,9 +131,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if unsyncable:
         shown = ", ".join(unsyncable[:4]) + (f" and {len(unsyncable) - 4} more" if len(unsyncable) > 4 else "")
         raise VariantSyncError(
-            f"cannot synchronise {len(unsyncable)} norm layers whose calibration is computed per device: {shown}. "
-            f"Train them with per-device batch statistics (as the RBN/IEBN reference code does): do not convert to "
-            f"SyncBatchNorm (drop --sync-bn / sync_bn=true), or use a γ-init variant, which synchronises.")
+            f"cannot synchronise {len(unsyncable)} norm layers of a variant timm-bninit does not define: {shown}. "
+            f"Drop sync_bn=true to train them with per-device batch statistics, or derive the variant from one of "
+            f"timm-bninit's layer classes, which synchronise.")
     return _convert(module, process_group)
 
 
