@@ -16,7 +16,6 @@ import pytest
 import torch
 from fake_datasets import (
     CARS_FIELDS,
-    colour,
     corrupt_image,
     label_of,
     make_cars_archive,
@@ -197,27 +196,6 @@ def test_hub_unreachable_without_local_dir_says_to_pass_a_data_dir(tmp_path):
     assert isinstance(raised.value.__cause__, Exception)  # the hub's own error is kept as the cause
     with pytest.raises(DatasetError, match=r"tanganke/stanford_cars.*data_dir=.*cars_train"):
         load_image_dataset("cars", cache_dir=tmp_path / "cache")
-
-
-def test_hub_copy_is_trimmed_to_image_label_bbox_and_gets_a_validation_split(tmp_path, monkeypatch):
-    rows = 6
-    fake = datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({
-            "image": [Image.new("RGB", (8, 8), colour(i % 3, i)) for i in range(rows * 3)],
-            "label": [i % 3 for i in range(rows * 3)],  # plain integers, no ClassLabel
-            "bbox": [[0.0, 0.0, 4.0, 4.0]] * (rows * 3),
-            "extra": ["x"] * (rows * 3),
-        })
-        for split in ("train", "test")
-    })
-    calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: calls.append((repo, kw)) or fake)
-    data, info = load_image_dataset("cub", cache_dir=tmp_path / "cache", val_fraction=0.5)
-    assert calls == [("bentrevett/caltech-ucsd-birds-200-2011", {"cache_dir": str(tmp_path / "cache" / "hub")})]
-    assert data["train"].column_names == ["image", "label", "bbox"]
-    assert data["train"].features["label"].names == ["0", "1", "2"]
-    assert info.origin == "hub" and info.source == "bentrevett/caltech-ucsd-birds-200-2011"
-    assert info.split_sizes == {"train": 9, "validation": 9, "test": 18} and info.cache_path is None
 
 
 # ------------------------------------------------------------------------------------------------ cache

@@ -4,11 +4,16 @@ Example::
 
     import timm, timm_bninit
     model = timm.create_model("resnet50", norm_layer="bn_gamma01", zero_init_last=False)
+
+``timm_bninit.build_training(recipe, **overrides)`` (from the experiment engine, loaded on first use) returns the
+model, optimizer and scheduler a run of a recipe starts with.
 """
 
 from . import norm as norm
-from .convert import BN_TRANSFER_POLICIES, BNTransferWarning, convert_norm, recalibrate_bn_stats
+from .convert import BN_TRANSFER_POLICIES, BNTransferWarning, UnknownPolicyError, convert_norm, recalibrate_bn_stats
+from .errors import BNInitError
 from .factory import create_model, reapply_norm_init
+from .gammas import bn_gammas
 from .norm import *  # noqa: F403
 from .optim import param_group_fn, param_groups
 from .pretrained import LoadReport, PretrainedLoadError, load_pretrained, load_state_dict_file
@@ -29,8 +34,19 @@ del _register_builtin, _install_sync_guards
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # the experiment engine (accelerate, datasets) loads only when asked for: `import timm_bninit` stays the plugin
+    if name == "build_training":
+        from .experiment.train import build_training
+
+        return build_training
+    raise AttributeError(f"module 'timm_bninit' has no attribute {name!r}")
+
+
 __all__ = [
     *norm.__all__,
+    "BNInitError",
     "BNTransferWarning",
     "BN_TRANSFER_POLICIES",
     "LoadReport",
@@ -39,6 +55,8 @@ __all__ = [
     "SyncBatchNormGammaAct",
     "UnknownNormLayerError",
     "VariantSyncError",
+    "UnknownPolicyError",
+    "bn_gammas",
     "convert_norm",
     "convert_sync_batchnorm",
     "create_model",

@@ -86,7 +86,7 @@ def _compare_parser() -> argparse.ArgumentParser:
         sub.add_argument("--methods", required=True,
                          help="comma-separated: base (plain BN), a norm-layer name, or either with +key=value "
                               "overrides, e.g. base,bn_gamma01,rbn_unit,bn_gamma01+bn_transfer=reset")
-        sub.add_argument("--lr", required=True, help="learning rates, e.g. 0.1,0.01")
+        sub.add_argument("--lr", help="learning rates, e.g. 0.1,0.01 (default: the recipe's lr)")
         sub.add_argument("--seeds", default="1-15", help="seeds, e.g. 1-15 or 1,2,3 (default 1-15)")
         sub.add_argument("--out", required=True, help="sweep directory; each run is <out>/<method>/lr<lr>/seed<seed>")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -147,7 +147,8 @@ def compare_main(argv: list[str] | None = None) -> int:
         print((Path(args.report_dir or Path(args.out) / "report") / "report.md").read_text())
         return 0
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    specs = plan_sweep(args.recipe, args.methods, parse_floats(args.lr), parse_seeds(args.seeds), args.out,
+    specs = plan_sweep(args.recipe, args.methods, parse_floats(args.lr) if args.lr else None, parse_seeds(args.seeds),
+                       args.out,
                        overrides)
     if args.command == "status":
         for name, items in sweep_status(specs).items():

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..registry import resolve_norm_layer
 from . import layout
-from .recipe import RecipeError, apply_overrides, load_recipe
+from .recipe import RecipeError, apply_overrides, check_config, load_recipe
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -84,15 +84,19 @@ def parse_methods(text: str | Sequence[str]) -> dict[str, list[str]]:
     return methods
 
 
-def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float], seeds: Iterable[int],
+def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float] | None, seeds: Iterable[int],
                out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[RunSpec]:
-    """The grid recipe × method × lr × seed; within a seed only the method's overrides differ."""
+    """The grid recipe × method × lr × seed; within a seed only the method's overrides differ.
+
+    Every cell's configuration is checked here, before any run starts; ``lrs`` None or empty: the recipe's lr.
+    """
     base = apply_overrides(load_recipe(recipe), overrides)
     specs = []
     for method, method_overrides in parse_methods(methods).items():
-        for lr in lrs:
+        for lr in lrs or [base["lr"]]:
             for seed in seeds:
                 config = apply_overrides(base, [*method_overrides, f"lr={lr!r}", f"seed={seed}"])
+                check_config(config)
                 run_dir = layout.sweep_run_dir(out, method, lr, seed)
                 specs.append(RunSpec(method, float(lr), int(seed), str(run_dir), config))
     return specs
