@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["seed_for", "rng_scope"]
+__all__ = ["seed_for", "rng_scope", "seed_globals"]
 
 
 def seed_for(seed: int, stream: str, *parts: int) -> int:
@@ -26,16 +26,25 @@ def seed_for(seed: int, stream: str, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def seed_globals(seed: int) -> None:
+    """Seed torch's CPU generator, ``random`` and numpy's global generator, without keeping their previous states.
+
+    What :func:`rng_scope` does on entry, for a process whose global random state has no other user, such as a
+    DataLoader worker serving a seeded data set. Draws after it are exactly those inside ``rng_scope(seed)``.
+    """
+    # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding (recording a stack trace,
+    # ~0.5 ms per sample) and, inside rng_scope, leak that seed out of the block
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @contextlib.contextmanager
 def rng_scope(seed: int) -> Iterator[None]:
     """Seed torch's CPU generator, ``random`` and numpy for the block, then restore their previous states."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        # the CPU generator only, as fork_rng(devices=[]) restores: torch.manual_seed would also queue a lazy CUDA
-        # seeding (recording a stack trace, ~0.5 ms per sample) and leak that seed out of the block
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only, the one seed_globals seeds
+        seed_globals(seed)
         try:
             yield
         finally:

@@ -1,0 +1,101 @@
+"""Seeded data loading: the epoch travels with each index, so augmentation is a pure function of (seed, epoch, index)
+whether the workers are fresh, persistent or absent."""
+
+import pickle
+
+import pytest
+import torch
+from fake_datasets import make_imagefolder
+from timm.data import create_transform
+
+from timm_bninit.data import load_image_dataset
+from timm_bninit.experiment.loaders import EpochIndex, EpochShuffleSampler, SeededImageDataset, build_loaders
+from timm_bninit.experiment.recipe import load_recipe
+from timm_bninit.experiment.seeding import rng_scope, seed_for
+
+SEED = 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("loaders")
+    make_imagefolder(base / "folder", counts={"train": 4, "test": 2})  # 12 train, 6 test images
+    splits, _ = load_image_dataset("imagefolder", data_dir=base / "folder", cache_dir=base / "cache", val_fraction=0)
+    return splits
+
+
+def augment():
+    return create_transform(16, is_training=True)
+
+
+def test_epoch_index_is_the_int_and_carries_its_epoch_to_a_worker():
+    item = EpochIndex(3, epoch=2)
+    assert item == 3 and hash(item) == hash(3) and [10, 20, 30, 40][item] == 40 and sorted([item, 1]) == [1, 3]
+    assert str(item) == "3" and repr(item) == "EpochIndex(3, epoch=2)"
+    copy = pickle.loads(pickle.dumps(item))  # DataLoader workers get their indices pickled
+    assert isinstance(copy, EpochIndex) and copy == 3 and copy.epoch == 2
+
+
+def test_sampler_yields_the_epoch_order_and_the_epoch():
+    sampler = EpochShuffleSampler(12, seed=SEED)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    expected = torch.randperm(12, generator=torch.Generator().manual_seed(seed_for(SEED, "data-order", 2))).tolist()
+    assert order == expected and all(isinstance(i, EpochIndex) and i.epoch == 2 for i in order)
+    sampler.set_epoch(3)
+    assert list(sampler) != order
+
+
+def test_sample_i_of_epoch_e_is_drawn_from_its_own_stream(data):
+    transform = augment()
+    dataset = SeededImageDataset(data["train"], transform, seed=SEED)
+    image = data["train"][5]["image"].convert("RGB")
+    with rng_scope(seed_for(SEED, "augment", 2, 5)):
+        expected = transform(image)
+    assert torch.equal(dataset[EpochIndex(5, epoch=2)][0], expected)  # the index's epoch, not the attribute (0)
+    dataset.epoch = 2
+    assert torch.equal(dataset[5][0], expected)  # a plain index: the attribute's epoch
+    assert not torch.equal(dataset[EpochIndex(5, epoch=1)][0], expected)
+
+
+def test_main_process_access_leaves_the_global_random_state_alone(data):
+    dataset = SeededImageDataset(data["train"], augment(), seed=SEED)
+    torch.manual_seed(0)
+    undisturbed = torch.rand(3)
+    torch.manual_seed(0)
+    dataset[EpochIndex(1, epoch=0)]
+    assert torch.equal(torch.rand(3), undisturbed)
+
+
+def epochs_of_batches(data, num_workers: int) -> tuple[bool, list[list[torch.Tensor]]]:
+    config = load_recipe("demo")
+    config.update(seed=SEED, batch_size=4, num_workers=num_workers, classes=None, preload=False, augmentation="rrc")
+    transform = augment()
+    loaders = build_loaders(config, data, transform, transform)
+    epochs = []
+    for epoch in range(2):
+        loaders.train_sampler.set_epoch(epoch)  # the data set's epoch attribute stays 0: workers never read it
+        epochs.append([images for images, _ in loaders.train])
+    return loaders.train.persistent_workers, epochs
+
+
+def expected_batches(data, epoch: int) -> list[torch.Tensor]:
+    """Epoch ``epoch`` by the definition: its order from (seed, epoch), sample i drawn from (seed, epoch, i)."""
+    transform = augment()
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(seed_for(SEED, "data-order", epoch))).tolist()
+    samples = []
+    for index in order:
+        with rng_scope(seed_for(SEED, "augment", epoch, index)):
+            samples.append(transform(data["train"][index]["image"].convert("RGB")))
+    return [torch.stack(samples[start:start + 4]) for start in range(0, 12, 4)]
+
+
+def test_persistent_workers_augment_each_epoch_by_its_own_stream(data):
+    persistent, with_workers = epochs_of_batches(data, num_workers=2)
+    _, in_process = epochs_of_batches(data, num_workers=0)
+    assert persistent
+    for epoch in range(2):
+        expected = expected_batches(data, epoch)
+        assert len(with_workers[epoch]) == len(in_process[epoch]) == 3
+        assert all(torch.equal(a, b) for a, b in zip(with_workers[epoch], expected)), f"workers, epoch {epoch}"
+        assert all(torch.equal(a, b) for a, b in zip(in_process[epoch], expected)), f"in process, epoch {epoch}"
