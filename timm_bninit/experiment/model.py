@@ -25,20 +25,26 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
 
     Every tensor that is not part of a norm layer is initialised from a plain-BN model built under the seed's
     ``init`` stream, so two methods with the same seed start from identical convolution and classifier weights
-    whatever random numbers their own layers consume (``bn_uniform`` draws γ).
+    whatever random numbers their own layers consume (``bn_uniform`` draws γ). Plain BN is built once, as that
+    reference itself.
     """
     kwargs = {"num_classes": num_classes, "drop_rate": config["drop_rate"]}
     if config["drop_path_rate"]:
         kwargs["drop_path_rate"] = config["drop_path_rate"]
     if config["zero_init_last"]:
         kwargs["zero_init_last"] = True
-    with rng_scope(seed_for(config["seed"], "init")):
-        reference = timm.create_model(config["model"], **kwargs)
+    # Plain BN (BASE) is the reference: the same timm call under the same stream draws the same numbers, and its
+    # norm tensors draw none, so its copy of the shared tensors would change nothing; build it once, not twice.
+    plain = config["norm_layer"] is None
+    reference = None
+    if not plain:
+        with rng_scope(seed_for(config["seed"], "init")):
+            reference = timm.create_model(config["model"], **kwargs)
     pretrained = False if config["pretrained_file"] else config["pretrained"]
     norm_layer = config["norm_layer"]
     if config["gamma_init"] is not None:
         norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
-    with rng_scope(seed_for(config["seed"], "init-method")), warnings.catch_warnings():
+    with rng_scope(seed_for(config["seed"], "init" if plain else "init-method")), warnings.catch_warnings():
         if config["precise_bn_batches"]:  # the run re-estimates BN statistics before every evaluation
             warnings.simplefilter("ignore", BNTransferWarning)
         model = create_model(config["model"], norm_layer, pretrained=pretrained,
@@ -49,11 +55,12 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
             for _, _, gamma in bn_gammas(model):
                 gamma.fill_(1.0)
     if config["cifar_stem"]:
-        reference = cifar_stem(reference, seed_for(config["seed"], "init-stem"))
         model = cifar_stem(model, seed_for(config["seed"], "init-stem"))
-    report = getattr(model, "bninit_load_report", None)
-    # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
-    _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
+    if reference is not None:
+        reference = cifar_stem(reference, seed_for(config["seed"], "init-stem")) if config["cifar_stem"] else reference
+        report = getattr(model, "bninit_load_report", None)
+        # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
+        _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
     return model
 
 
