@@ -43,9 +43,16 @@ LAYERS = {
     "rbn_noaffine": functools.partial(tb.RepresentativeBatchNorm2d, affine=False),
     "iebn_cma": functools.partial(tb.InstanceEnhancementBatchNorm2d, momentum=None),  # cumulative running average
     "iebn_uneven": tb.InstanceEnhancementBatchNorm2d,
+    # plain BN and the γ-init variants become (Gloo)SyncBatchNorm: torch's kernels refuse CPU tensors
+    "bn": nn.BatchNorm2d,
+    "bn_act": functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.ReLU),
+    "bn_gamma": functools.partial(tb.BatchNormGamma2d, gamma_init=0.1),
+    "bn_gamma_act": functools.partial(tb.BatchNormGammaAct2d, gamma_init=0.1),
+    "bn_cma": functools.partial(nn.BatchNorm2d, momentum=None),
+    "bn_uneven": nn.BatchNorm2d,
 }
 # (first rank's samples, second rank's): equal halves, and one uneven split, where ranks weigh by their counts
-SPLITS = {kind: (2, 5) if kind == "iebn_uneven" else (3, 3) for kind in [*LAYERS, "model"]}
+SPLITS = {kind: (2, 5) if kind.endswith("_uneven") else (3, 3) for kind in [*LAYERS, "model"]}
 
 
 # ---- what both sides run ----------------------------------------------------------------------------------------

@@ -21,11 +21,14 @@ from __future__ import annotations
 import timm.layers
 import timm.layers.norm_act as _timm_norm_act
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from timm.layers import BatchNormAct2d
 from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import BNInitError
 from .norm import (
     BatchNormGamma2d,
     BatchNormGammaAct2d,
@@ -40,7 +43,8 @@ from .norm import (
     RepresentativeBatchNormAct2d,
 )
 
-__all__ = ["SyncBatchNormGamma", "SyncBatchNormGammaAct", "VariantSyncError", "convert_sync_batchnorm"]
+__all__ = ["GlooSyncBatchNorm", "GlooSyncBatchNormAct", "SyncBatchNormGamma", "SyncBatchNormGammaAct",
+           "VariantSyncError", "convert_sync_batchnorm"]
 
 _GAMMA_INIT_TYPES = (BatchNormGamma2d, BatchNormGammaAct2d, BatchNormUniformGamma2d, BatchNormUniformGammaAct2d)
 _CALIBRATED_TYPES = (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, InstanceEnhancementBatchNorm2d,
@@ -49,8 +53,51 @@ _torch_convert = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
 _timm_convert = _timm_norm_act.convert_sync_batchnorm
 
 
-class VariantSyncError(RuntimeError):
+class VariantSyncError(BNInitError, RuntimeError):
     """A model holds norm-layer variants that this package does not know how to synchronise across devices."""
+
+
+class GlooSyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (a gloo job), which torch's kernels refuse.
+
+    On CPU in training the per-channel mean and then the centred sum of squares are all-reduced with the
+    differentiable ``torch.distributed.nn.functional.all_reduce`` (two passes, no Σx² cancellation), so autograd
+    returns the full batch's gradients; other devices use torch's own SyncBatchNorm kernels.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        return _cpu_sync_batch_norm(self, x)
+
+
+class GlooSyncBatchNormAct(SyncBatchNormAct, GlooSyncBatchNorm):
+    """timm's ``SyncBatchNormAct`` (norm, then drop and act) over :class:`GlooSyncBatchNorm`'s normalisation."""
+
+
+def _cpu_sync_batch_norm(layer: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    group = layer.process_group or dist.group.WORLD
+    dims = [0, *range(2, x.dim())]
+    stats_dtype = torch.promote_types(x.dtype, torch.float32)
+    count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
+    dist.all_reduce(count, group=group)
+    count = float(count)
+    mean = dist_nn.all_reduce(x.sum(dims, dtype=stats_dtype), group=group) / count
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centered = x.to(stats_dtype) - mean.view(shape)
+    var = dist_nn.all_reduce(centered.square().sum(dims), group=group) / count
+    if layer.track_running_stats:
+        if count <= 1:
+            raise ValueError(f"{type(layer).__name__} needs more than 1 value per channel in training mode")
+        layer.num_batches_tracked.add_(1)
+        factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+        with torch.no_grad():
+            layer.running_mean.lerp_(mean.detach().to(layer.running_mean.dtype), factor)
+            layer.running_var.lerp_((var.detach() * (count / (count - 1))).to(layer.running_var.dtype), factor)
+    y = centered * torch.rsqrt(var + layer.eps).view(shape)
+    if layer.affine:
+        y = y * layer.weight.to(stats_dtype).view(shape) + layer.bias.to(stats_dtype).view(shape)
+    return y.to(x.dtype)
 
 
 class _GammaAttrs:
@@ -62,11 +109,11 @@ class _GammaAttrs:
         return f"{super().extra_repr()}, gamma_init={init}, gamma_lr_div={self.gamma_lr_div:g}"
 
 
-class SyncBatchNormGamma(_GammaAttrs, nn.SyncBatchNorm):
+class SyncBatchNormGamma(_GammaAttrs, GlooSyncBatchNorm):
     """SyncBatchNorm carrying a γ-init variant's ``gamma_init`` and ``gamma_lr_div``."""
 
 
-class SyncBatchNormGammaAct(_GammaAttrs, SyncBatchNormAct):
+class SyncBatchNormGammaAct(_GammaAttrs, GlooSyncBatchNormAct):
     """timm's SyncBatchNormAct carrying a γ-init variant's ``gamma_init`` and ``gamma_lr_div``."""
 
 
@@ -105,7 +152,10 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
         module.sync_batch_stats, module.process_group = True, process_group
         return module
     if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        return _timm_convert(module, process_group)
+        converted = _timm_convert(module, process_group)
+        # the same layer, able to synchronise on CPU too (no state added: only the forward differs)
+        converted.__class__ = GlooSyncBatchNormAct if isinstance(converted, SyncBatchNormAct) else GlooSyncBatchNorm
+        return converted
     for name, child in module.named_children():
         new_child = _convert(child, process_group)
         if new_child is not child:
@@ -116,7 +166,8 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Convert BN layers to synchronised BN, keeping every variant's class and behaviour.
 
-    Plain BN layers become ``nn.SyncBatchNorm`` / timm's ``SyncBatchNormAct`` (as timm converts them), γ-init variants
+    Plain BN layers become :class:`GlooSyncBatchNorm` / :class:`GlooSyncBatchNormAct` (torch's and timm's classes,
+    synchronising CPU tensors too), γ-init variants
     :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`, and RBN / IEBN / blended-σ layers stay themselves
     with ``sync_batch_stats = True`` (in place). ``process_group`` defaults to torch.distributed's default group.
 
