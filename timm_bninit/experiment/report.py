@@ -291,7 +291,7 @@ def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = 
     if plots:
         from .plots import plot_sweep
 
-        written += plot_sweep(runs, report_dir)
+        written += plot_sweep(runs, report_dir, tables)
     return written
 
 
