@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import time
 import traceback
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,6 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
 from .recipe import RecipeError, apply_overrides, check_config, load_recipe
@@ -163,26 +167,172 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int
     return sweep_status(specs)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Through submitit: its local executor, or Slurm job arrays
+
+SUBMITIT_DIR = "submitit"  # submitit's folders (job scripts, pickles, logs), one per job, inside the sweep directory
+JOBS_FILE = "jobs.json"    # in SUBMITIT_DIR: run directory (relative to the sweep) -> the Slurm job that ran it last
+SLURM_POLL_SECONDS = 2.0
+# generic submitit parameters and their types; --slurm KEY=VALUE gives strings, submitit asserts these types
+_TYPED_PARAMETERS = {"timeout_min": int, "mem_gb": float, "nodes": int, "cpus_per_task": int, "gpus_per_node": int,
+                     "tasks_per_node": int}
+
+
+class SlurmError(BNInitError, RuntimeError):
+    """Slurm cannot be used as asked: no client on PATH, or parameters it refuses."""
+
+
 def _run_submitit(todo: Sequence[RunSpec], out: Path, executor: str, parallel: int, threads: int,
                   data_cache_dir: str | None, slurm: dict[str, Any], log) -> None:
+    if executor == "slurm":
+        _run_slurm(todo, out, parallel, data_cache_dir, slurm, log)
+        return
     import submitit
 
-    folder = out / "submitit" / "%j"
-    if executor == "slurm":
-        runner = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        runner.update_parameters(**{"timeout_min": 24 * 60, "gpus_per_node": 1, "tasks_per_node": 1, **slurm})
-    else:
-        runner = submitit.LocalExecutor(folder=folder)
-        runner.update_parameters(timeout_min=24 * 60, visible_gpus=())
-    jobs = []
-    with runner.batch():  # a job array on Slurm
-        for spec in todo:
-            jobs.append((spec, runner.submit(run_one, spec, data_cache_dir, threads)))
+    runner = submitit.LocalExecutor(folder=out / SUBMITIT_DIR / "%j")
+    runner.update_parameters(timeout_min=24 * 60, visible_gpus=())
+    with runner.batch():
+        jobs = [(spec, runner.submit(run_one, spec, data_cache_dir, threads)) for spec in todo]
     for spec, job in jobs:
         try:
             log(_describe(spec, job.result()))
-        except Exception as error:  # the job itself died (killed, out of time): the run resumes next time
-            log(f"{spec.method} lr={spec.lr:g} seed={spec.seed}: job failed ({error}); re-run the sweep to resume")
+        except Exception as error:  # the job itself died: the run resumes next time
+            log(f"{_head(spec)}: job failed ({error}); re-run the sweep to resume")
+
+
+def _run_slurm(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir: str | None,
+               slurm: dict[str, Any], log) -> None:
+    """Submit the runs as one job array and wait for it; ``<out>/submitit/jobs.json`` records which job ran which
+    run directory."""
+    import submitit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    folder = out / SUBMITIT_DIR / "%j"
+    # a job an earlier sweep command submitted (that command was killed, the job went on) is waited for, not
+    # submitted again: two jobs on one run directory would race on its checkpoint
+    known = _read_jobs(out)
+    recorded = [(spec, known.get(_relative_run_dir(spec, out))) for spec in todo]
+    queued = _queued_slurm_jobs({job_id for _, job_id in recorded if job_id}) or set()
+    jobs = [(spec, submitit.SlurmJob(folder=folder, job_id=job_id)) for spec, job_id in recorded if job_id in queued]
+    for spec, job in jobs:
+        log(f"{_head(spec)}: Slurm job {job.job_id} from an earlier sweep command is still queued or running; "
+            "waiting for it")
+    submit = [spec for spec, job_id in recorded if job_id not in queued]
+    if submit:
+        parameters = _slurm_parameters(slurm, parallel)
+        runner = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            runner.update_parameters(**parameters)
+        except (AssertionError, NameError, TypeError, ValueError) as error:  # submitit's checks of the parameters
+            raise SlurmError(f"--slurm parameters refused by submitit: {str(error).splitlines()[0]}") from None
+        try:
+            with runner.batch():  # one job array
+                submitted = [(spec, runner.submit(_run_one_in_slurm_job, spec, data_cache_dir)) for spec in submit]
+        except (FailedJobError, FailedSubmissionError) as error:  # sbatch said no: its own message says why
+            raise SlurmError(f"sbatch refused the jobs: {' '.join(str(error).split())}") from None
+        jobs += submitted
+        _write_jobs(out, {**known, **{_relative_run_dir(spec, out): job.job_id for spec, job in submitted}})
+        log(f"submitted {len(submitted)} run{'s' if len(submitted) > 1 else ''} to Slurm as job "
+            f"{submitted[0][1].job_id.split('_')[0]}{' (an array)' if len(submitted) > 1 else ''} "
+            f"(logs in {out / SUBMITIT_DIR})")
+    _wait_for_slurm_jobs(jobs, log)
+
+
+def _run_one_in_slurm_job(spec: RunSpec, data_cache_dir: str | None) -> dict[str, Any]:
+    """:func:`run_one` with as many threads as Slurm gave the job (the submitting machine's core count means
+    nothing on the node)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE") or "1"
+    return run_one(spec, data_cache_dir, int(cpus))
+
+
+def _slurm_parameters(given: dict[str, Any], parallel: int) -> dict[str, Any]:
+    """submitit's parameters: the user's over the defaults. A job asks for a GPU only when the partition has GPUs,
+    since a cluster without GPUs refuses ``--gpus-per-node=1`` (``--slurm gpus_per_node=N`` decides otherwise)."""
+    parameters: dict[str, Any] = {"timeout_min": 24 * 60, "tasks_per_node": 1}
+    for key, value in given.items():
+        kind = _TYPED_PARAMETERS.get(key)
+        try:
+            parameters[key] = kind(value) if kind and isinstance(value, str) else value
+        except ValueError:
+            raise SlurmError(f"--slurm {key}={value}: {key} must be {'an integer' if kind is int else 'a number'}") \
+                from None
+    if parallel > 1:
+        parameters.setdefault("slurm_array_parallelism", parallel)
+    if "gpus_per_node" not in parameters and "slurm_gpus_per_node" not in parameters \
+            and "slurm_gres" not in parameters and _partition_has_gpus(parameters.get("slurm_partition")):
+        parameters["gpus_per_node"] = 1
+    return parameters
+
+
+def _partition_has_gpus(partition: str | None) -> bool:
+    if not all(shutil.which(command) for command in ("sinfo", "sbatch", "srun", "squeue")):
+        raise SlurmError("--executor slurm needs Slurm's commands (sinfo, sbatch, srun, squeue) on PATH; "
+                         "`bash scripts/slurm_local.sh start` starts a one-node cluster on this machine")
+    command = ["sinfo", "--noheader", "--format=%G"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmError("sinfo got no answer from slurmctld in 60 s: is the cluster up?") from None
+    if listed.returncode:
+        raise SlurmError(f"sinfo failed: {' '.join(listed.stderr.split()) or listed.returncode}; is the cluster up?")
+    return "gpu" in listed.stdout
+
+
+def _queued_slurm_jobs(job_ids: set[str]) -> set[str] | None:
+    """Which of these jobs (``123`` or array tasks ``123_4``) Slurm still has pending or running; ``None`` when squeue
+    cannot tell. Asked of squeue, not sacct: a cluster without accounting (the local one) has no sacct."""
+    if not job_ids:
+        return set()
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    try:
+        listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", f"--jobs={','.join(arrays)}"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode:  # squeue fails when every job asked about has left its memory
+        return set() if "Invalid job id" in listed.stderr else None
+    return job_ids & set(listed.stdout.split())
+
+
+def _wait_for_slurm_jobs(jobs: list[tuple[RunSpec, Any]], log) -> None:
+    """Report each job as it ends. A job that left the queue without a result (``scancel``, killed, out of time)
+    is said so; its run directory keeps its checkpoint and the next sweep command resumes it."""
+    waiting = list(jobs)
+    while waiting:
+        # ask the queue before looking for results: a job that left it had written its result before it left
+        queued = _queued_slurm_jobs({job.job_id for _, job in waiting})
+        still = []
+        for spec, job in waiting:
+            if job.paths.result_pickle.exists():
+                try:
+                    log(_describe(spec, job.result()))
+                except Exception as error:  # submitit's own failure (e.g. timed out), not a failed run
+                    log(f"{_head(spec)}: Slurm job {job.job_id} failed ({error}); re-run the sweep to resume")
+            elif job.job_id not in queued if queued is not None else job.done():  # no squeue: ask sacct
+                log(f"{_head(spec)}: Slurm job {job.job_id} ended without a result (cancelled, killed or out of "
+                    f"time; see {job.paths.stderr}); re-run the sweep to resume it")
+            else:
+                still.append((spec, job))
+        waiting = still
+        if waiting:
+            time.sleep(SLURM_POLL_SECONDS)
+
+
+def _relative_run_dir(spec: RunSpec, out: Path) -> str:
+    return os.path.relpath(spec.run_dir, out)
+
+
+def _read_jobs(out: Path) -> dict[str, str]:
+    path = out / SUBMITIT_DIR / JOBS_FILE
+    return layout.read_json(path) if path.is_file() else {}
+
+
+def _write_jobs(out: Path, jobs: dict[str, str]) -> None:
+    layout.write_json(out / SUBMITIT_DIR / JOBS_FILE, jobs)
+
+
+def _head(spec: RunSpec) -> str:
+    return f"{spec.method} lr={spec.lr:g} seed={spec.seed}"
 
 
 def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
