@@ -25,7 +25,7 @@ import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine
+from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine, read_state
 
 __all__ = [
     "BatchNormVariant",
@@ -165,6 +165,7 @@ class _BatchMoments(NamedTuple):
     mean: torch.Tensor  # μ (C,)
     var: torch.Tensor  # biased σ² (C,)
     centered_mean: torch.Tensor  # m − μ per plane (N, C)
+    count: int  # values per channel in the (global) batch
     plane_weight: float  # each local plane's share of the (global) batch: H·W / count
     group: dist.ProcessGroup | None  # the processes μ and σ² were synchronised over, None for local statistics
 
@@ -191,12 +192,13 @@ class _CalibratedBase(BatchNormVariant):
     def _uses_batch_stats(self) -> bool:
         return self.training or self.running_mean is None
 
-    def _momentum_factor(self) -> float:
-        """The running-statistics update factor, exactly as ``nn.BatchNorm2d`` computes it."""
+    def _momentum_factor(self) -> float | torch.Tensor:
+        """The running-statistics update factor as ``nn.BatchNorm2d`` computes it (1/n as a tensor, not a Python
+        float: no data-dependent Python under torch.compile)."""
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
+                return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         return 0.0 if self.momentum is None else self.momentum
 
     def _sync_group(self) -> dist.ProcessGroup | None:
@@ -208,7 +210,7 @@ class _CalibratedBase(BatchNormVariant):
 
     def _batch_mean_var(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int) -> _BatchMoments:
         """Per-channel batch mean μ and biased variance σ² from per-(sample, channel) ones over equal-sized planes
-        (law of total variance), over every process's batch when synchronised; updates the running statistics."""
+        (law of total variance), over every process's batch when synchronised."""
         mean = mean_nc.mean(0)
         centered_mean = mean_nc - mean
         var = torch.addcmul(var_nc, centered_mean, centered_mean).mean(0)
@@ -220,20 +222,16 @@ class _CalibratedBase(BatchNormVariant):
             if count <= 1:
                 raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
                                  f"(got {count} over all processes); use a larger batch or call model.eval()")
-        self._update_running_stats(mean, var, count)
-        return _BatchMoments(mean, var, centered_mean, plane_size / count, group)
+        return _BatchMoments(mean, var, centered_mean, count, plane_size / count, group)
 
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    def _update_batch_state(self, mean: torch.Tensor, var: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """After a batch-statistics forward: fold the batch's μ, σ² into the running statistics (training only)."""
         if not (self.training and self.track_running_stats):
             return
-        if count <= 1:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
-                             f"(got batch × H × W = {count}); use a larger batch or call model.eval()")
         factor = self._momentum_factor()
         with torch.no_grad():
-            unbiased = var.detach() * (count / (count - 1))
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
     @staticmethod
     def _gamma_beta(weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -275,9 +273,10 @@ class _CalibratedBase(BatchNormVariant):
         raise NotImplementedError
 
     def _batch_coefficients(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int,
-                            *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        """Training mode: (A, B') with ``y = x·A + B'`` from the per-plane mean and variance (updating the running
-        statistics), and what :meth:`_batch_coefficients_backward` needs."""
+                            *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, _BatchMoments, tuple]:
+        """Training mode: (A, B') with ``y = x·A + B'`` from the per-plane mean and variance, the batch moments, and
+        what :meth:`_batch_coefficients_backward` needs. Changes no state: :meth:`_update_batch_state` does, after
+        the autograd Function."""
         raise NotImplementedError
 
     def _batch_coefficients_backward(self, saved: tuple, grad_scale: torch.Tensor, grad_shift: torch.Tensor
@@ -294,7 +293,9 @@ class _CalibratedBase(BatchNormVariant):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
-            return PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            self._update_batch_state(mean, var, unbiased_var)
+            return y
         return self._normalize_with_running_stats(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,7 +377,7 @@ class _RBNBase(_CalibratedBase):
         calibrated_mean_nc = torch.addcmul(mean_nc, mean_nc, params[2].to(mean_nc.dtype))
         moments = self._batch_mean_var(calibrated_mean_nc, var_nc, plane_size)
         scale, shift, saved = self._coefficients(mean_nc, moments.centered_mean, moments.var, *params)
-        return scale, shift, (moments, *saved)
+        return scale, shift, moments, (moments, *saved)
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
         (moments, mean_nc, centering_weight, centered_mean, gap_normalized, inv_std, sigmoid, calibration, scale,
@@ -466,7 +467,7 @@ class _IEBNBase(_CalibratedBase):
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
         moments = self._batch_mean_var(mean_nc, var_nc, plane_size)
         scale, shift, saved = self._coefficients(mean_nc, moments.mean, moments.var, *params)
-        return scale, shift, (moments, *saved)
+        return scale, shift, moments, (moments, *saved)
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
         moments, mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight = saved
@@ -553,15 +554,20 @@ class _BlendedStdBase(_CalibratedBase):
         mean, batch_std = moments.mean, (moments.var + self.eps).sqrt_()
         std, std_grad_factor = batch_std, 1.0  # ∂σ/∂σ_B
         if self.training:
-            has_prev = self.prev_std > 0
-            prev_std = self.prev_std.to(dtype)
+            prev_std = read_state(self.prev_std).to(dtype)
+            has_prev = prev_std > 0
             blended = torch.lerp(batch_std, prev_std, self.prev_std_weight)  # α·σ_prev + (1 − α)·σ_B
             std = torch.where(has_prev, blended, batch_std)
             std_grad_factor = 1.0 - self.prev_std_weight * has_prev.to(dtype)
-            self.prev_std.copy_(batch_std)
         scale = std.reciprocal()
         beta = bias.to(dtype) if bias is not None else 0.0
-        return scale, self._affine_shift(beta, scale, mean), (moments, batch_std, std_grad_factor, scale)
+        return scale, self._affine_shift(beta, scale, mean), moments, (moments, batch_std, std_grad_factor, scale)
+
+    def _update_batch_state(self, mean: torch.Tensor, var: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        super()._update_batch_state(mean, var, unbiased_var)
+        if self.training:  # the next training batch's σ_prev: this batch's σ_B
+            with torch.no_grad():
+                self.prev_std.copy_((var + self.eps).sqrt_())
 
     def _batch_coefficients_backward(self, saved, grad_scale, grad_shift):
         moments, batch_std, std_grad_factor, scale = saved

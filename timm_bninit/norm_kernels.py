@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 __all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
-           "plane_moments"]
+           "plane_moments", "read_state"]
 
 # Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
 # contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
@@ -95,6 +95,27 @@ def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor
     return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
 
 
+@torch.library.custom_op("timm_bninit::state_snapshot", mutates_args=())
+def _state_snapshot(state: torch.Tensor) -> torch.Tensor:
+    return state.clone()
+
+
+@_state_snapshot.register_fake
+def _(state: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(state)
+
+
+def read_state(state: torch.Tensor) -> torch.Tensor:
+    """A layer buffer's value for a training forward that also overwrites the buffer (blended-σ's σ_prev).
+
+    Why: compiled, AOTAutograd's partitioner may recompute cheap functions of the buffer in the backward graph
+    instead of saving them, and so read the buffer *after* the forward wrote the next value into it: silently wrong
+    gradients (pytorch/pytorch#197039, open). A clone through an opaque custom op is never recomputed, so its
+    output is saved. Eager, the buffer itself is returned (no copy).
+    """
+    return _state_snapshot(state) if torch.compiler.is_compiling() else state
+
+
 # Cross-process reductions of the per-channel batch statistics (synchronised RBN / IEBN / blended-σ).
 
 
@@ -132,7 +153,8 @@ class PlaneAffineFunction(torch.autograd.Function):
     """Training-mode forward and backward of a calibrated layer, ``y = x·A + B'`` where the per-plane (N, C) or
     per-channel (C,) A and B' are functions of the per-(sample, channel) mean m and biased variance v of ``x`` over
     H×W and of the layer's parameters (``layer._batch_coefficients``), back-propagated in closed form by
-    ``layer._batch_coefficients_backward``.
+    ``layer._batch_coefficients_backward``. Returns y and, without gradient, the batch's per-channel μ, biased σ² and
+    unbiased σ² for the caller's running-statistics update.
 
     Why: autograd through ``var_mean`` + ``addcmul`` plus a graph of ~30 small ops cost 3.5-4× BN's forward+backward
     time on CPU. Here the activation-sized work is close to BN's: forward m, then Σ(x − m)², then y; backward Σdy and
@@ -145,15 +167,20 @@ class PlaneAffineFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
         mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
         values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
-        scale, shift, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
+        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
         ctx.save_for_backward(x)
         ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
         ctx.param_dtypes = [None if p is None else p.dtype for p in params]
-        return plane_affine(x, scale, shift)
+        # the running-statistics update's inputs, returned rather than applied here: the Function has no side
+        # effects, and the layer updates its state in its own forward, where nn.BatchNorm2d does
+        mean, var = moments.mean, moments.var
+        unbiased_var = var * (moments.count / max(moments.count - 1, 1))
+        ctx.mark_non_differentiable(mean, var, unbiased_var)
+        return plane_affine(x, scale, shift), mean, var, unbiased_var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
+    def backward(ctx, grad_y: torch.Tensor, *_statistics_grads: torch.Tensor | None):
         (x,) = ctx.saved_tensors
         mean_nc, scale = ctx.mean_nc, ctx.scale
         plane_size = x.shape[2] * x.shape[3]
