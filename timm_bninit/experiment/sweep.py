@@ -265,17 +265,20 @@ def _slurm_parameters(given: dict[str, Any], parallel: int) -> dict[str, Any]:
 
 
 def _partition_has_gpus(partition: str | None) -> bool:
+    """Whether a node of ``partition`` (None: the cluster's default partition, which sinfo marks with ``*``) has
+    GPUs among its generic resources."""
     if not all(shutil.which(command) for command in ("sinfo", "sbatch", "srun", "squeue")):
         raise SlurmError("--executor slurm needs Slurm's commands (sinfo, sbatch, srun, squeue) on PATH; "
                          "`bash scripts/slurm_local.sh start` starts a one-node cluster on this machine")
-    command = ["sinfo", "--noheader", "--format=%G"] + ([f"--partition={partition}"] if partition else [])
+    command = ["sinfo", "--noheader", "--format=%P %G"] + ([f"--partition={partition}"] if partition else [])
     try:
         listed = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         raise SlurmError("sinfo got no answer from slurmctld in 60 s: is the cluster up?") from None
     if listed.returncode:
         raise SlurmError(f"sinfo failed: {' '.join(listed.stderr.split()) or listed.returncode}; is the cluster up?")
-    return "gpu" in listed.stdout
+    rows = [[*line.split(maxsplit=1), ""] for line in listed.stdout.splitlines() if line.strip()]
+    return any("gpu" in gres for name, gres, *_ in rows if partition or name.endswith("*"))
 
 
 def _queued_slurm_jobs(job_ids: set[str]) -> set[str] | None:
