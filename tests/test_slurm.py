@@ -22,6 +22,8 @@ import pytest
 import yaml
 from fake_datasets import make_imagefolder
 
+from timm_bninit.experiment.sweep import SlurmError, _slurm_parameters
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS_FILE = Path("submitit") / "jobs.json"  # the sweep's record of which Slurm job ran which run directory
 RESULT_KEYS = ("test_acc_at_best_val", "test_acc_last", "best_val_acc", "best_epoch", "epochs")
@@ -93,6 +95,30 @@ def _first_checkpointed_run(out: Path, deadline: float) -> Path:
                 return checkpoint.parent
         time.sleep(0.05)
     raise AssertionError(f"no run of {out} saved a checkpoint in time")
+
+
+def test_slurm_parameters_are_typed_and_ask_for_a_gpu_only_where_there_are_gpus(tmp_path, monkeypatch):
+    # a fake cluster: the default partition "cpu" has no GPUs, partition "gpu" has four per node
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun", "squeue"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sinfo").write_text('#!/bin/sh\ncase "$*" in *--partition=gpu*) echo "gpu gpu:4(S:0-1)" ;;\n'
+                                   '*) printf "cpu* (null)\\ngpu gpu:4(S:0-1)\\n" ;; esac\n')
+    for path in bin_dir.iterdir():
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    assert _slurm_parameters({"timeout_min": "600", "mem_gb": "7.5"}, 1) == {"timeout_min": 600, "mem_gb": 7.5,
+                                                                               "tasks_per_node": 1}
+    on_gpus = _slurm_parameters({"slurm_partition": "gpu"}, 3)
+    assert on_gpus["gpus_per_node"] == 1 and on_gpus["slurm_array_parallelism"] == 3
+    assert _slurm_parameters({"slurm_partition": "gpu", "gpus_per_node": "0"}, 1)["gpus_per_node"] == 0
+    with pytest.raises(SlurmError, match="--slurm cpus_per_task=two: cpus_per_task must be an integer"):
+        _slurm_parameters({"cpus_per_task": "two"}, 1)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(SlurmError, match="needs Slurm's commands .* on PATH"):
+        _slurm_parameters({}, 1)
 
 
 @pytest.mark.slow
