@@ -133,8 +133,13 @@ class EpochShuffleSampler(Sampler[EpochIndex]):
 
 
 def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any]:
-    """Train and eval transforms from timm (``resolve_model_data_config`` + ``create_transform``)."""
+    """Train and eval transforms from timm (``resolve_model_data_config`` + ``create_transform``).
+
+    With ``input_bn`` the images stay [0, 1] pixels (mean 0, std 1): the model's input BN normalises them.
+    """
     data_config = resolve_model_data_config(model)
+    if config["input_bn"]:
+        data_config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     size = config["img_size"]
     eval_transform = create_transform(input_size=(3, size, size), is_training=False, mean=data_config["mean"],
                                       std=data_config["std"], interpolation=data_config["interpolation"],

@@ -14,6 +14,7 @@ from ..convert import BNTransferWarning
 from ..factory import create_model
 from ..gammas import bn_gammas
 from ..registry import get_norm_layer
+from .protocol import apply_protocol
 from .recipe import RecipeError
 from .seeding import rng_scope, seed_for
 
@@ -61,7 +62,7 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         report = getattr(model, "bninit_load_report", None)
         # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
         _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
-    return model
+    return apply_protocol(model, config)  # the official init and the input BN, when the recipe asks
 
 
 def cifar_stem(model: nn.Module, seed: int) -> nn.Module:

@@ -38,10 +38,12 @@ from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
 from .model import build_model
-from .recipe import check_config
+from .protocol import train_per_class_subset
+from .recipe import apply_overrides, check_config, load_recipe
 from .seeding import seed_for
 
-__all__ = ["RunError", "Run", "run_finetune", "train_one_epoch", "validate", "evaluate"]
+__all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "build_scheduler", "run_finetune",
+           "train_one_epoch", "validate", "evaluate"]
 
 
 @dataclass
@@ -71,29 +73,103 @@ class Run:
         return self.ema.module if self.ema is not None else self.unwrapped
 
 
+def build_optimizer(config: dict[str, Any], model: nn.Module) -> Any:
+    """timm's optimizer over the method's parameter groups (γ at lr / c, no decay on γ, β, biases)."""
+    return create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
+                               momentum=config["momentum"],
+                               param_group_fn=param_group_fn(config["weight_decay"],
+                                                             gamma_lr_div=config["gamma_lr_div"]))
+
+
+def build_scheduler(config: dict[str, Any], optimizer: Any, updates_per_epoch: int) -> Any:
+    """timm's scheduler; it stays outside ``accelerator.prepare`` and steps per update from the run's own counter."""
+    scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
+                                       warmup_epochs=config["warmup_epochs"], warmup_lr=config["warmup_lr"],
+                                       min_lr=config["min_lr"], step_on_epochs=config["step_on_epochs"],
+                                       updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+@dataclass
+class Training:
+    """What a run starts with, before any data is seen: inspect it to check a recipe against a paper."""
+
+    config: dict[str, Any]
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    updates_per_epoch: int
+
+
+def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_classes: int | None = None,
+                   train_size: int | None = None, **overrides: Any) -> Training:
+    """The model, optimizer and scheduler a run of ``recipe`` would start with, before any training step.
+
+    The same functions build them as in a run (``build_model``, ``build_optimizer``, ``build_scheduler``), from the
+    same resolved config (``protocol: official`` pins included, see ``training.config``), on the CPU and outside
+    accelerate; no data are loaded when both sizes are given. Use it to check a recipe against a paper: the
+    optimizer's groups (``name``, ``lr``, ``weight_decay``, ``momentum``, ``nesterov``), the scheduler's learning
+    rate per epoch (``scheduler.step(epoch)``) or per update (``scheduler.step_update(n)``), the model's init.
+
+    Example::
+
+        training = timm_bninit.build_training("cifar10", num_classes=10, train_size=45_000, seed=3)
+        print(training.optimizer, [m.weight[0].item() for m in training.model.modules()
+                                   if isinstance(m, torch.nn.BatchNorm2d)])
+
+    Args:
+        recipe: A recipe name, a .yaml path, or a resolved config.
+        num_classes: Classes of the classifier; None: read from the data set (``classes`` if the recipe sets it).
+        train_size: Training images after ``train_per_class`` and ``classes`` (sets updates per epoch, which the
+            run's loader drops the last partial batch of); None: read from the data set.
+        **overrides: Recipe keys, as ``--set`` would give them (``lr=0.1``).
+
+    Returns:
+        A :class:`Training`: ``config``, ``model``, ``optimizer``, ``scheduler``, ``updates_per_epoch``.
+    """
+    config = dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    config = apply_overrides(config, [f"{key}={_as_text(value)}" for key, value in overrides.items()])
+    check_config(config)
+    if config["classes"]:
+        num_classes = len(config["classes"])
+    if num_classes is None or train_size is None:
+        data, info = _load_data(config, None)
+        num_classes = num_classes or info.num_classes
+        kept = set(config["classes"] or [])  # the run trains on the kept classes only
+        train_size = train_size or sum(not kept or label in kept for label in data["train"]["label"])
+    model = build_model(config, num_classes)
+    optimizer = build_optimizer(config, model)
+    updates = max(1, math.ceil(train_size // config["batch_size"] / config["grad_accum_steps"]))
+    return Training(config, model, optimizer, build_scheduler(config, optimizer, updates), updates)
+
+
+def _as_text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _load_data(config: dict[str, Any], data_cache_dir: str | os.PathLike | None) -> tuple[Any, Any]:
+    data, info = load_image_dataset(config["dataset"], data_dir=config["data_dir"], cache_dir=data_cache_dir,
+                                    val_fraction=config["val_fraction"], split_seed=config["split_seed"],
+                                    skip_corrupt=config["skip_corrupt"], hub_revision=config["hub_revision"])
+    if config["train_per_class"] is not None:
+        data["train"] = train_per_class_subset(data["train"], config["train_per_class"], config["split_seed"])
+    if config["classes"] and not all(0 <= c < info.num_classes for c in config["classes"]):
+        raise RunError(f"classes {config['classes']} are not all class indices of {config['dataset']} "
+                       f"(0..{info.num_classes - 1})")
+    return data, info
+
+
 def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
     """Data, model, optimizer and scheduler of a run, prepared once by accelerate."""
-    data, data_info = load_image_dataset(config["dataset"], data_dir=config["data_dir"], cache_dir=data_cache_dir,
-                                         val_fraction=config["val_fraction"], split_seed=config["split_seed"],
-                                         skip_corrupt=config["skip_corrupt"])
-    if config["classes"] and not all(0 <= c < data_info.num_classes for c in config["classes"]):
-        raise RunError(f"classes {config['classes']} are not all class indices of {config['dataset']} "
-                       f"(0..{data_info.num_classes - 1})")
+    data, data_info = _load_data(config, data_cache_dir)
     model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
     initial_scale = effective_initial_scale(model)
     if config["bn_only"]:
         freeze_all_but_norm(model, train_classifier=config["train_classifier"])
     loaders = build_loaders(config, data, *build_transforms(config, model))
-    optimizer = create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
-                                    momentum=config["momentum"],
-                                    param_group_fn=param_group_fn(config["weight_decay"],
-                                                                  gamma_lr_div=config["gamma_lr_div"]))
+    optimizer = build_optimizer(config, model)
     updates_per_epoch = math.ceil(len(loaders.train) / config["grad_accum_steps"] / accelerator.num_processes)
-    # timm schedulers stay outside accelerator.prepare: they step per update from our own counter
-    scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
-                                       warmup_epochs=config["warmup_epochs"], warmup_lr=config["warmup_lr"],
-                                       min_lr=config["min_lr"], step_on_epochs=config["step_on_epochs"],
-                                       updates_per_epoch=updates_per_epoch)
+    scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in
                     (("validation", loaders.validation), ("test", loaders.test)) if loader is not None}
