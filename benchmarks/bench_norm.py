@@ -12,16 +12,22 @@ official code does it but out of place (calibrate x → ``F.batch_norm`` without
 Before timing, the script asserts that each optimised layer and its straightforward twin agree on the benchmarked
 input (output, input gradient, every parameter gradient, running statistics), with the same non-default parameters.
 
+``--compiled`` times something else: one training step (forward, backward, SGD update) of a small conv net whose
+every norm layer is BN, RBN, IEBN or blended-σ BN, eager and ``torch.compile``-d, paired and shuffled the same way;
+it reports each step time, the compiled / eager ratio and the compile time (the first compiled step).
+
 Example::
 
     python benchmarks/bench_norm.py                # B = 16, 40 rounds, torch's default thread count
     python benchmarks/bench_norm.py --threads 1
     python benchmarks/bench_norm.py --quick        # smoke run: B = 4, 5 rounds
+    python benchmarks/bench_norm.py --compiled     # compiled vs eager training step, inductor
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -240,6 +246,88 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+# ---- compiled vs eager training step ------------------------------------------------------------------------------
+
+COMPILED_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "BatchNorm2d": nn.BatchNorm2d,
+    "RepresentativeBatchNorm2d": tb.RepresentativeBatchNorm2d,
+    "InstanceEnhancementBatchNorm2d": tb.InstanceEnhancementBatchNorm2d,
+    "BlendedStdBatchNorm2d": tb.BlendedStdBatchNorm2d,
+}
+# (channels, stride) of the net's conv → norm → ReLU stages: three resolutions, as a small ResNet's stages
+SMALL_NET_STAGES = ((32, 1), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
+
+
+def small_net(norm: Callable[[int], nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    channels = 3
+    for width, stride in SMALL_NET_STAGES:
+        layers += [nn.Conv2d(channels, width, 3, stride, 1, bias=False), norm(width), nn.ReLU(inplace=True)]
+        channels = width
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)).train()
+    randomize_parameters(net, seed)
+    return net
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                  target: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One SGD step: its wall time (s) and the loss."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start, loss.detach()
+
+
+def time_compiled(args: argparse.Namespace) -> None:
+    """Eager vs compiled training step of :func:`small_net` for each layer in ``COMPILED_LAYERS``."""
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    target = torch.randint(0, 10, (args.batch,), generator=gen)
+    steps, compile_seconds = {}, {}
+    for name, norm in COMPILED_LAYERS.items():
+        eager = small_net(norm, args.seed)
+        compiled_net = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_net, backend=args.backend)
+        optimizers = {"eager": torch.optim.SGD(eager.parameters(), lr=0.01, momentum=0.9),
+                      "compiled": torch.optim.SGD(compiled_net.parameters(), lr=0.01, momentum=0.9)}
+        _, eager_loss = training_step(eager, optimizers["eager"], x, target)
+        compile_seconds[name], compiled_loss = training_step(compiled, optimizers["compiled"], x, target)
+        error = relative_error(compiled_loss, eager_loss)
+        assert error <= AGREEMENT_TOL, f"{name}: compiled first-step loss differs from eager by {error:.1e}"
+        print(f"  {name}: compiled in {compile_seconds[name]:.0f} s; first-step loss compiled == eager "
+              f"(relative error {error:.1e})", flush=True)
+        steps[(name, "eager")] = (eager, optimizers["eager"])
+        steps[(name, "compiled")] = (compiled, optimizers["compiled"])
+    order = list(steps)
+    shuffle = random.Random(args.seed)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for round_index in range(args.warmup + args.repeats):
+        shuffle.shuffle(order)
+        for key in order:
+            elapsed, _ = training_step(*steps[key], x, target)
+            if round_index >= args.warmup:
+                times[key].append(elapsed)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    width = max(len(name) for name in COMPILED_LAYERS) + 2
+    line = (f"{'training step, ' + args.backend:<{width}}{'eager ms':>10}{'compiled ms':>13}{'compiled/eager':>16}"
+            f"{'(best)':>8}{'eager/BN eager':>16}{'compiled/BN compiled':>22}{'compile s':>11}")
+    print(line)
+    print("-" * len(line))
+    for name in COMPILED_LAYERS:
+        eager_t, compiled_t = times[(name, "eager")], times[(name, "compiled")]
+        ratio = statistics.median(c / e for c, e in zip(compiled_t, eager_t))
+        best = min(compiled_t) / min(eager_t)
+        vs_bn_eager = statistics.median(e / b for e, b in zip(eager_t, times[("BatchNorm2d", "eager")]))
+        vs_bn_compiled = statistics.median(c / b for c, b in zip(compiled_t, times[("BatchNorm2d", "compiled")]))
+        print(f"{name:<{width}}{statistics.median(eager_t) * 1e3:>10.1f}{statistics.median(compiled_t) * 1e3:>13.1f}"
+              f"{ratio:>16.3f}{best:>8.3f}{vs_bn_eager:>16.3f}{vs_bn_compiled:>22.3f}{compile_seconds[name]:>11.0f}")
+    print("\nRatios are medians over rounds of paired (same-round) ratios; (best) is fastest compiled round / fastest"
+          " eager round.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16, help="batch size B of every shape (default 16)")
@@ -248,12 +336,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: B = 4, 5 rounds, 1 warm-up round")
+    parser.add_argument("--compiled", action="store_true",
+                        help="instead: time a training step of a small conv net, eager vs torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled (default inductor)")
+    parser.add_argument("--image-size", type=int, default=32, help="input size of --compiled (default 32)")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.repeats, args.warmup = 4, 5, 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.compiled:
+        threads = torch.get_num_threads()
+        print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, {threads} "
+              f"thread{'s' if threads != 1 else ''}; float32; small conv net {SMALL_NET_STAGES}, "
+              f"B = {args.batch}, {args.image_size} px; {args.repeats} timed rounds (+{args.warmup} warm-up), "
+              f"shuffled; load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+        time_compiled(args)
+        return
 
     shapes = [(args.batch, c, hw, hw) for c, hw in RESNET50_STAGES]
     threads = torch.get_num_threads()
