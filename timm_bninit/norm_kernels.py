@@ -6,6 +6,10 @@ variance v of the input, from which the whole layer reduces to ``y = (x − m)·
 tensors A and B. In training, :class:`PlaneAffineFunction` computes this with as many full passes over the
 activation as BN's own kernels, and a closed-form backward for the small (N, C) part, which the layer supplies
 (``_batch_coefficients`` / ``_batch_coefficients_backward``).
+
+Also here: the cross-process reductions of synchronised layers (:func:`all_gather_moments` in forward,
+:func:`all_reduce_sum` in backward), and :func:`read_state`, which keeps a compiled backward from re-reading a buffer
+that the forward has overwritten. Under ``torch.compile`` every kernel takes its portable tensor-op form.
 """
 
 from __future__ import annotations
