@@ -102,11 +102,21 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     echo "started munged"
 fi
 
-state=$(node_state)
-if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && [[ $state == idle || $state == mixed \
-        || $state == allocated ]]; then
-    echo "Slurm is already up: node $NODE is $state (SLURM_CONF=$CONF)"
-    exit
+if [[ ! -e $SYSTEM_CONF || $(readlink "$SYSTEM_CONF" || true) == "$CONF" ]]; then
+    mkdir -p "$(dirname "$SYSTEM_CONF")"
+    ln -sfn "$CONF" "$SYSTEM_CONF"  # so sbatch, sinfo and submitit find the cluster from any shell
+    conf_hint=""
+else
+    conf_hint="$SYSTEM_CONF belongs to another cluster: export SLURM_CONF=$CONF before submitting"
+fi
+
+if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid"; then  # (sinfo takes 10 s to fail with no slurmctld)
+    state=$(node_state)
+    if [[ $state == idle || $state == mixed || $state == allocated ]]; then
+        echo "Slurm is already up: node $NODE is $state (SLURM_CONF=$CONF)"
+        [[ -z $conf_hint ]] || echo "$conf_hint"
+        exit
+    fi
 fi
 
 # The node is described with what slurmd itself detects (CPUs, sockets, cores, memory), so it is never drained for
@@ -147,14 +157,6 @@ SlurmdDebug=info
 $hardware NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
-fi
-
-if [[ ! -e $SYSTEM_CONF || $(readlink "$SYSTEM_CONF" || true) == "$CONF" ]]; then
-    mkdir -p "$(dirname "$SYSTEM_CONF")"
-    ln -sfn "$CONF" "$SYSTEM_CONF"  # so sbatch, sinfo and submitit find the cluster from any shell
-    conf_hint=""
-else
-    conf_hint="$SYSTEM_CONF belongs to another cluster: export SLURM_CONF=$CONF before submitting"
 fi
 
 alive "$DIR/slurmctld.pid" || { slurmctld -f "$CONF" && echo "started slurmctld"; }
