@@ -263,3 +263,19 @@ def test_unreachable_hub_without_local_weights_is_a_clear_cli_error(tmp_path, ca
                           "--run-dir", str(tmp_path / "run"), "--data-cache-dir", str(tmp_path / "cache")])
     assert code == 2
     assert "pass a local weights file: pretrained_file=PATH" in capsys.readouterr().err
+
+
+def test_metrics_reach_tensorboard_and_metrics_jsonl_stays_the_source_of_truth(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tiny_data, tmp_path, log_with="tensorboard")
+    run_finetune(config, tmp_path / "tb", quiet=True, data_cache_dir=tmp_path / "cache")
+    metrics = read_metrics(tmp_path / "tb")
+    events = list((tmp_path / "tb" / "tracking").rglob("events.out.tfevents.*"))
+    assert events, list((tmp_path / "tb").rglob("*"))
+    scalars = EventAccumulator(str(events[0].parent)).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train_loss", "test_acc", "lr/decay", "lr/bn_gamma", "gamma/mean", "gamma/below_0.01"} <= tags
+    logged = [(e.step, e.value) for e in scalars.Scalars("train_loss")]
+    assert logged == [(m["epoch"], pytest.approx(m["train_loss"], rel=1e-6)) for m in metrics]
+    assert [e.value for e in scalars.Scalars("lr/bn_gamma")] == pytest.approx([m["lr_gamma"] for m in metrics])

@@ -18,6 +18,9 @@ timm-bninit variant (models without one convert exactly as before).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import timm.layers
 import timm.layers.norm_act as _timm_norm_act
 import torch
@@ -43,8 +46,7 @@ from .norm import (
     RepresentativeBatchNormAct2d,
 )
 
-__all__ = ["GlooSyncBatchNorm", "GlooSyncBatchNormAct", "SyncBatchNormGamma", "SyncBatchNormGammaAct",
-           "VariantSyncError", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNormGamma", "SyncBatchNormGammaAct", "VariantSyncError", "convert_sync_batchnorm"]
 
 _GAMMA_INIT_TYPES = (BatchNormGamma2d, BatchNormGammaAct2d, BatchNormUniformGamma2d, BatchNormUniformGammaAct2d)
 _CALIBRATED_TYPES = (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, InstanceEnhancementBatchNorm2d,
@@ -57,22 +59,32 @@ class VariantSyncError(BNInitError, RuntimeError):
     """A model holds norm-layer variants that this package does not know how to synchronise across devices."""
 
 
-class GlooSyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (a gloo job), which torch's kernels refuse.
+class _GlooSync:
+    """Synchronised training statistics for a BN layer in a gloo (CPU) job, where torch's SyncBatchNorm kernels
+    refuse CPU tensors and DDP refuses SyncBatchNorm modules on CPU.
 
-    On CPU in training the per-channel mean and then the centred sum of squares are all-reduced with the
-    differentiable ``torch.distributed.nn.functional.all_reduce`` (two passes, no Σx² cancellation), so autograd
-    returns the full batch's gradients; other devices use torch's own SyncBatchNorm kernels.
+    The layer keeps its own class beneath this mixin (``isinstance``, γ-init attributes, state-dict keys unchanged).
+    In training the per-channel mean and then the centred sum of squares are all-reduced with the differentiable
+    ``torch.distributed.nn.functional.all_reduce`` (two passes, no Σx² cancellation), so autograd returns the full
+    batch's gradients.
     """
 
+    process_group: Any = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not (self.training and dist.is_available() and dist.is_initialized()):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        return _cpu_sync_batch_norm(self, x)
+        y = _cpu_sync_batch_norm(self, x)
+        return self.act(self.drop(y)) if isinstance(self, BatchNormAct2d) else y
 
 
-class GlooSyncBatchNormAct(SyncBatchNormAct, GlooSyncBatchNorm):
-    """timm's ``SyncBatchNormAct`` (norm, then drop and act) over :class:`GlooSyncBatchNorm`'s normalisation."""
+@functools.cache
+def _gloo_class(cls: type) -> type:
+    return type(f"GlooSync{cls.__name__}", (_GlooSync, cls), {"__module__": __name__})
+
+
+def _gloo_job(process_group: Any) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_backend(process_group) == "gloo"
 
 
 def _cpu_sync_batch_norm(layer: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -109,11 +121,11 @@ class _GammaAttrs:
         return f"{super().extra_repr()}, gamma_init={init}, gamma_lr_div={self.gamma_lr_div:g}"
 
 
-class SyncBatchNormGamma(_GammaAttrs, GlooSyncBatchNorm):
+class SyncBatchNormGamma(_GammaAttrs, nn.SyncBatchNorm):
     """SyncBatchNorm carrying a γ-init variant's ``gamma_init`` and ``gamma_lr_div``."""
 
 
-class SyncBatchNormGammaAct(_GammaAttrs, GlooSyncBatchNormAct):
+class SyncBatchNormGammaAct(_GammaAttrs, SyncBatchNormAct):
     """timm's SyncBatchNormAct carrying a γ-init variant's ``gamma_init`` and ``gamma_lr_div``."""
 
 
@@ -145,6 +157,10 @@ def _convert_gamma_layer(layer: nn.BatchNorm2d, process_group) -> nn.Module:
 
 
 def _convert(module: nn.Module, process_group) -> nn.Module:
+    if isinstance(module, _BatchNorm) and not isinstance(module, (*_CALIBRATED_TYPES, nn.SyncBatchNorm, _GlooSync)) \
+            and _gloo_job(process_group):
+        module.__class__, module.process_group = _gloo_class(type(module)), process_group  # in place, as below
+        return module
     if isinstance(module, _GAMMA_INIT_TYPES):
         return _convert_gamma_layer(module, process_group)
     if isinstance(module, _CALIBRATED_TYPES):
@@ -152,10 +168,7 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
         module.sync_batch_stats, module.process_group = True, process_group
         return module
     if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        converted = _timm_convert(module, process_group)
-        # the same layer, able to synchronise on CPU too (no state added: only the forward differs)
-        converted.__class__ = GlooSyncBatchNormAct if isinstance(converted, SyncBatchNormAct) else GlooSyncBatchNorm
-        return converted
+        return _timm_convert(module, process_group)
     for name, child in module.named_children():
         new_child = _convert(child, process_group)
         if new_child is not child:
@@ -166,10 +179,11 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Convert BN layers to synchronised BN, keeping every variant's class and behaviour.
 
-    Plain BN layers become :class:`GlooSyncBatchNorm` / :class:`GlooSyncBatchNormAct` (torch's and timm's classes,
-    synchronising CPU tensors too), γ-init variants
+    Plain BN layers become ``nn.SyncBatchNorm`` / timm's ``SyncBatchNormAct`` (as timm converts them), γ-init variants
     :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`, and RBN / IEBN / blended-σ layers stay themselves
-    with ``sync_batch_stats = True`` (in place). ``process_group`` defaults to torch.distributed's default group.
+    with ``sync_batch_stats = True`` (in place). In a gloo (CPU) job, whose tensors torch's SyncBatchNorm refuses,
+    plain BN and γ-init layers keep their class too, beneath a mixin that all-reduces their batch statistics.
+    ``process_group`` defaults to torch.distributed's default group.
 
     Raises:
         VariantSyncError: the model holds a ``BatchNormVariant`` subclass defined outside timm-bninit.

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..gammas import bn_gammas
 from .recipe import RecipeError
 
-__all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "small_gamma_fraction", "clamped_gammas",
+__all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "gamma_statistics", "small_gamma_fraction", "clamped_gammas",
            "freeze_all_but_norm"]
 
 GAMMA_THRESHOLDS = (0.01, 0.05, 0.1)  # |γ| below these counts as small (Frankle et al. report < 0.01)
@@ -40,6 +40,18 @@ def small_gamma_fraction(gammas: dict[str, Sequence[float]], threshold: float) -
     """Fraction of all BN channels with |γ| < ``threshold`` (Frankle et al. report 27-33% below 0.01)."""
     flat = torch.tensor([g for layer in gammas.values() for g in layer], dtype=torch.float64)
     return float((flat.abs() < threshold).double().mean()) if flat.numel() else float("nan")
+
+
+@torch.no_grad()
+def gamma_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean and std of every BN γ, and the fraction of |γ| below each of :data:`GAMMA_THRESHOLDS` (for trackers)."""
+    values = [gamma.detach().float().flatten() for _, _, gamma in bn_gammas(model)]
+    if not values:
+        return {}
+    flat = torch.cat(values)
+    stats = {"gamma/mean": float(flat.mean()), "gamma/std": float(flat.std()) if flat.numel() > 1 else 0.0}
+    stats.update({f"gamma/below_{t:g}": float((flat.abs() < t).float().mean()) for t in GAMMA_THRESHOLDS})
+    return stats
 
 
 @contextlib.contextmanager

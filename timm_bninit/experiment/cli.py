@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BNInitError
-from .layout import default_run_dir
-from .recipe import apply_overrides, list_recipes, load_recipe
+from .distributed import is_main_process, shared_run_dir
+from .layout import RunError, default_run_dir
+from .recipe import apply_overrides, check_config, list_recipes, load_recipe
 from .report import pilot_plan_text, plan_from_pilot, write_report
 from .study import run_study
 from .sweep import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
@@ -31,7 +32,8 @@ def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
         try:
             return main(argv)
         except BNInitError as error:
-            print(f"error: {error}", file=sys.stderr)
+            if is_main_process():  # every rank of an N-process job runs the same checks: say it once
+                print(f"error: {error}", file=sys.stderr)
             return 2
 
     return wrapper
@@ -49,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "default: the recipe's, else the hub copy")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set norm_layer=bn_gamma01 --set lr=0.01 (repeatable)")
-    parser.add_argument("--run-dir", help="run directory (default: <output-dir>/<recipe>/<method>-lr<lr>-s<seed>)")
+    parser.add_argument("--run-dir", help="run directory (default: a new <output-dir>/<recipe>/<method>-lr<lr>-s<seed>-"
+                                          "<date>-<time>; an existing finished one is never overwritten)")
     parser.add_argument("--output-dir", default="runs", help="parent of the default run directory")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -64,13 +67,20 @@ def finetune_main(argv: list[str] | None = None) -> int:
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
-    config = apply_overrides(load_recipe(args.recipe), args.overrides)
-    if args.data_dir:
-        config["data_dir"] = args.data_dir
-    run_dir = args.run_dir or default_run_dir(config, args.output_dir)
+    config = apply_overrides(load_recipe(args.recipe), args.overrides + (
+        [f"data_dir={args.data_dir}"] if args.data_dir else []))
+    check_config(config)
+    if args.resume and not args.run_dir:
+        raise RunError("--resume continues the run in --run-dir; pass the run directory to resume (without --run-dir "
+                       "every invocation starts a new run)")
+    # without --run-dir every invocation gets a new directory (rank 0 names it for all ranks)
+    run_dir = Path(args.run_dir) if args.run_dir else shared_run_dir(default_run_dir(config, args.output_dir))
+    if is_main_process() and not args.quiet:
+        print(f"run directory: {run_dir}")
     final = run_finetune(config, run_dir, resume=args.resume, quiet=args.quiet, data_cache_dir=args.data_cache_dir)
-    print(f"{run_dir}: test accuracy {final['test_acc_at_best_val']:.2f}% at the best-validation epoch "
-          f"{final['best_epoch']}, {final['test_acc_last']:.2f}% at the last epoch")
+    if is_main_process():
+        print(f"{run_dir}: test accuracy {final['test_acc_at_best_val']:.2f}% at the best-validation epoch "
+              f"{final['best_epoch']}, {final['test_acc_last']:.2f}% at the last epoch")
     return 0
 
 

@@ -53,7 +53,7 @@ STUDY_FILE = "study.json"           # a study's record: protocol, seeds, wall ti
 # Keys of final.json, as a run writes them; the report's metrics are two of them
 FINAL_KEYS = ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "selection",
               "epochs", "seed", "method", "initial_effective_scale", "gamma_clamp", "train_images_per_s",
-              "train_seconds", "wall_seconds_this_session", "data", "environment")
+              "train_seconds", "wall_seconds_this_session", "num_updates", "data", "environment")
 RESULT_METRICS = {"best_val": "test_acc_at_best_val", "last": "test_acc_last"}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import timm
 import timm.optim
 import yaml
+from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from ..convert import BN_TRANSFER_POLICIES
 from ..data import DatasetError, resolve_source
@@ -75,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     # evaluation
     "precise_bn_batches": 0,      # re-estimate BN statistics on this many train batches before each evaluation
     "seed": 1,
+    # runs
+    "sync_bn": False,             # with several processes: batch statistics of every norm layer over all of them
+    "log_with": None,             # also hand metrics to accelerate's trackers: tensorboard | wandb | mlflow | all
 }
 
 
@@ -140,7 +144,8 @@ SCHEMA: dict[str, tuple[str, tuple]] = {
     "ema_decay": ("float", (lambda v: 0 < v < 1, "in (0, 1)")),
     "mixed_precision": ("str", _one_of("no", "fp16", "bf16")), "img_size": ("int", (lambda v: v >= 8, "≥ 8")),
     "augmentation": ("str", _one_of("rrc", "flip", "none")), "precise_bn_batches": ("int", _NONNEG),
-    "seed": ("int", _NONNEG),
+    "seed": ("int", _NONNEG), "sync_bn": ("bool", _ANY),
+    "log_with": ("str?", _one_of("tensorboard", "wandb", "mlflow", "all")),
 }
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _NULL = ("null", "none", "~", "")
@@ -298,6 +303,11 @@ def check_config(config: dict[str, Any]) -> None:
         if not (isinstance(base, type) and issubclass(base, BatchNormGamma2d)):
             raise RecipeError(f"recipe key 'gamma_init': gamma_init sets γ0 of a bn_gamma* layer, but norm_layer is "
                               f"{config['norm_layer']!r}; use e.g. norm_layer=bn_gamma1 gamma_init=0.731")
+    for tracker, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available),
+                               ("mlflow", is_mlflow_available)):
+        if config["log_with"] == tracker and not available():
+            raise RecipeError(f"recipe key 'log_with': {tracker} is not installed; pip install {tracker}, or drop "
+                              f"log_with (metrics.jsonl is written either way)")
     if config["pretrained_file"] is not None and not Path(config["pretrained_file"]).is_file():
         raise RecipeError(f"pretrained_file {config['pretrained_file']!r} does not exist (recipe key "
                           f"'pretrained_file'); pass the path of a .safetensors/.pth/.bin weights file")

@@ -19,8 +19,6 @@ import accelerate
 import datasets
 import timm
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -32,9 +30,11 @@ from ..convert import recalibrate_bn_stats
 from ..data import load_image_dataset
 from ..gammas import bn_gammas
 from ..optim import param_group_fn
+from ..sync import convert_sync_batchnorm
 from . import layout
-from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm
+from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm, gamma_statistics
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
 from .model import build_model
@@ -161,14 +161,18 @@ def _load_data(config: dict[str, Any], data_cache_dir: str | os.PathLike | None)
 
 def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
     """Data, model, optimizer and scheduler of a run, prepared once by accelerate."""
-    data, data_info = _load_data(config, data_cache_dir)
+    with accelerator.main_process_first():  # the data-set cache is built once; the other ranks then load it
+        data, data_info = _load_data(config, data_cache_dir)
     model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
+    if config["sync_bn"] and accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model)  # every variant keeps its class; batch statistics over all ranks
     initial_scale = effective_initial_scale(model)
     if config["bn_only"]:
         freeze_all_but_norm(model, train_classifier=config["train_classifier"])
     loaders = build_loaders(config, data, *build_transforms(config, model))
     optimizer = build_optimizer(config, model)
-    updates_per_epoch = math.ceil(len(loaders.train) / config["grad_accum_steps"] / accelerator.num_processes)
+    # batch_size is the global batch (split over the processes): updates per epoch do not depend on their number
+    updates_per_epoch = math.ceil(len(loaders.train) / config["grad_accum_steps"])
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in
@@ -231,6 +235,9 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> float:
 
 def validate(run: Run) -> dict[str, float]:
     """Accuracy on validation (when there is a split) and test, after re-estimating BN statistics if asked."""
+    # the ranks' running statistics differ (each saw its share of the batches): average them first, so evaluation,
+    # recalibration and every save use one set whatever the process count
+    average_bn_statistics(run.accelerator, run.unwrapped, None if run.ema is None else run.ema.module)
     if run.config["precise_bn_batches"]:
         recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config["precise_bn_batches"])
     return {name: evaluate(run.evaluated, loader, run.accelerator) for name, loader in run.eval_loaders.items()}
@@ -271,7 +278,11 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
               "images_per_s": stats["images_per_s"], "epoch_seconds": stats["epoch_seconds"]}
     state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
     if main:
-        layout.append_metrics(run_dir, record)
+        layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
+    if run.config["log_with"]:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "lrs")}
+        scalars.update({f"lr/{name}": lr for name, lr in lrs.items()}, **gamma_statistics(run.evaluated))
+        run.accelerator.log(scalars, step=epoch + 1)
     save_checkpoint(run.accelerator, run_dir, state, run.scheduler, run.ema)
     if show:
         val_text = "n/a" if "validation" not in accuracy else f"{accuracy['validation']:.2f}"
@@ -279,11 +290,13 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
               f"test {accuracy['test']:.2f}  {stats['images_per_s']:.1f} img/s")
 
 
-def _environment(accelerator: Any) -> dict[str, Any]:
+def _environment(accelerator: Any, config: dict[str, Any]) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__, "platform": platform.platform(),
             "device": str(accelerator.device), "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "cpu_threads": torch.get_num_threads()}
+            "mixed_precision": accelerator.mixed_precision, "cpu_threads": torch.get_num_threads(),
+            "global_batch": config["batch_size"],
+            "per_process_batch": config["batch_size"] // accelerator.num_processes}
 
 
 def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, Any]:
@@ -305,8 +318,9 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
         "initial_effective_scale": run.initial_scale, "gamma_clamp": clamp,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
+        "num_updates": state["num_updates"],
         "data": {k: v for k, v in run.data_info.to_dict().items() if k != "class_names"},
-        "environment": _environment(run.accelerator),
+        "environment": _environment(run.accelerator, config),
     }
 
 
@@ -331,12 +345,13 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
     finished = layout.check_new_run_dir(run_dir, resume)
     if finished is not None:
         return finished
-    accelerator = Accelerator(mixed_precision=config["mixed_precision"],
-                              gradient_accumulation_steps=config["grad_accum_steps"],
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False))
+    accelerator = make_accelerator(config, log_with=config["log_with"], project_dir=run_dir)
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
     state = _start_or_resume(run, run_dir, resume, show)
+    if config["log_with"]:  # TensorBoard: <run_dir>/tracking/
+        accelerator.init_trackers("tracking", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in config.items()})
     started = time.time()
     for epoch in range(state["epoch"], config["epochs"]):
         stats = train_one_epoch(run, epoch, state, show)
@@ -346,5 +361,7 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
         layout.write_json(run_dir / layout.GAMMAS_FILE, final_gammas(run.unwrapped))
         layout.write_final(run_dir, final)
         remove_checkpoint(run_dir)
+    if config["log_with"]:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return final
