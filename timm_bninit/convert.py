@@ -24,7 +24,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import STALE_STATISTICS, BNInitError
+from .errors import STALE_STATISTICS, BNInitError, BNInitTypeError, BNInitValueError
 from .norm import BatchNormVariant
 from .registry import LayerFactory, fused_twin, resolve_norm_layer
 
@@ -61,7 +61,7 @@ def transfer_gamma(pretrained_gamma: torch.Tensor, layer: nn.Module, bn_transfer
         return None
     gamma_init = layer.gamma_init_value if isinstance(layer, BatchNormVariant) else 1.0
     if gamma_init is None:
-        raise ValueError(f"bn_transfer='scale' needs a numeric γ0 but {type(layer).__name__} has none "
+        raise BNInitValueError(f"bn_transfer='scale' needs a numeric γ0 but {type(layer).__name__} has none "
                          f"(its γ starts random); use 'keep' or 'reset'")
     return pretrained_gamma * gamma_init
 
@@ -88,8 +88,9 @@ def _build_like(old: nn.BatchNorm2d, norm: LayerFactory, norm_act: LayerFactory 
     common = {"eps": old.eps, "momentum": old.momentum, "track_running_stats": old.track_running_stats, **factory}
     if isinstance(old, BatchNormAct2d):
         if norm_act is None:
-            raise ValueError(f"{type(old).__name__} fuses BN with an activation, but the target norm layer has no "
-                             f"fused norm+act twin; register one with register_norm_layer(..., norm_act_layer=...)")
+            raise BNInitValueError(f"{type(old).__name__} fuses BN with an activation, but the target norm layer has "
+                                   f"no fused norm+act twin; register one with register_norm_layer(..., "
+                                   f"norm_act_layer=...)")
         new = norm_act(old.num_features, apply_act=False, **common)
         new.act, new.drop = old.act, old.drop  # keep the family's own activation and drop path
     else:
@@ -201,8 +202,8 @@ def _first_tensor(batch: Any) -> torch.Tensor:
         for key in ("pixel_values", "image", "input", "x"):
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
-    raise TypeError(f"calibration batches must be tensors, (input, ...) tuples or dicts with 'pixel_values'/'image'; "
-                    f"got {type(batch).__name__}")
+    raise BNInitTypeError(f"calibration batches must be tensors, (input, ...) tuples or dicts with "
+                          f"'pixel_values'/'image'; got {type(batch).__name__}")
 
 
 @torch.no_grad()
@@ -246,6 +247,6 @@ def recalibrate_bn_stats(model: nn.Module, batches: Iterable[Any], max_batches: 
         for m, training in modes.items():
             m.training = training
     if used == 0:
-        raise ValueError("recalibrate_bn_stats got no batches; the running statistics were left unchanged. Pass a "
-                         "non-empty iterable of training batches")
+        raise BNInitValueError("recalibrate_bn_stats got no batches; the running statistics were left unchanged. "
+                               "Pass a non-empty iterable of training batches")
     return used

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 
-__all__ = ["BNInitError", "did_you_mean", "STALE_STATISTICS"]
+__all__ = ["BNInitError", "BNInitValueError", "BNInitTypeError", "did_you_mean", "STALE_STATISTICS"]
 
 
 class BNInitError(Exception):
@@ -19,6 +19,14 @@ class BNInitError(Exception):
     def __str__(self) -> str:
         # KeyError's str() is the repr of its argument (quotes and escaped newlines): show the message itself
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class BNInitValueError(BNInitError, ValueError):
+    """A plugin function or layer given a value it cannot use (a bad argument, an input of the wrong shape)."""
+
+
+class BNInitTypeError(BNInitError, TypeError):
+    """A plugin function given an object of a type it cannot use."""
 
 
 def did_you_mean(name: str, choices: Iterable[str], *, key: Callable[[str], str] | None = None, n: int = 3,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .convert import check_bn_transfer, convert_norm
+from .errors import BNInitValueError
 from .norm import BatchNormVariant
 from .pretrained import LoadReport, PretrainedLoadError, load_pretrained
 from .registry import LayerFactory
@@ -87,7 +88,7 @@ def create_model(model_name: str, norm_layer: str | LayerFactory | None = None, 
     """
     check_bn_transfer(bn_transfer)
     if pretrained and pretrained_file is not None:
-        raise ValueError("pass either pretrained (hub weights) or pretrained_file (a local file), not both")
+        raise BNInitValueError("pass either pretrained (hub weights) or pretrained_file (a local file), not both")
     keep_zero_gamma = bool(kwargs.get("zero_init_last", False))
     hub_kwargs = {k: kwargs.pop(k) for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir") if k in kwargs}
     model = _create_with_norm(model_name, norm_layer, kwargs)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from .errors import BNInitValueError
 from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine, read_state
 
 __all__ = [
@@ -101,7 +102,7 @@ class BatchNormVariant:
 class _GammaInitBase(BatchNormVariant):
     def __init__(self, num_features: int, *args, gamma_init: float = 0.1, gamma_lr_div: float = 100.0, **kwargs):
         if not gamma_lr_div > 0:
-            raise ValueError(f"gamma_lr_div must be > 0 (the γ learning rate is base_lr / gamma_lr_div), "
+            raise BNInitValueError(f"gamma_lr_div must be > 0 (the γ learning rate is base_lr / gamma_lr_div), "
                              f"got {gamma_lr_div}")
         self.gamma_init = float(gamma_init)
         self.gamma_lr_div = float(gamma_lr_div)
@@ -153,9 +154,9 @@ class BatchNormUniformGammaAct2d(_UniformGammaBase, BatchNormAct2d):
 
 def _check_input(layer: nn.Module, x: torch.Tensor) -> None:
     if x.dim() != 4:
-        raise ValueError(f"{type(layer).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        raise BNInitValueError(f"{type(layer).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     if x.shape[1] != layer.num_features:
-        raise ValueError(f"{type(layer).__name__} was built for {layer.num_features} channels but the input has "
+        raise BNInitValueError(f"{type(layer).__name__} was built for {layer.num_features} channels but the input has "
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
 
 
@@ -220,7 +221,7 @@ class _CalibratedBase(BatchNormVariant):
             mean, var, count = all_gather_moments(mean, var, count, group)
             centered_mean = mean_nc - mean
             if count <= 1:
-                raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
+                raise BNInitValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
                                  f"(got {count} over all processes); use a larger batch or call model.eval()")
         return _BatchMoments(mean, var, centered_mean, count, plane_size / count, group)
 
@@ -303,7 +304,7 @@ class _CalibratedBase(BatchNormVariant):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         # as nn.BatchNorm2d, whether or not running statistics are tracked; synchronised, the global count decides
         if self.training and count <= 1 and not self.sync_batch_stats:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
+            raise BNInitValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode "
                              f"(got batch × H × W = {count}); use a larger batch or call model.eval()")
         y = self.normalize(x)
         if isinstance(self, BatchNormAct2d):
@@ -522,7 +523,7 @@ class _BlendedStdBase(_CalibratedBase):
 
     def __init__(self, num_features: int, *args, prev_std_weight: float = 0.5, device=None, dtype=None, **kwargs):
         if not 0.0 <= prev_std_weight < 1.0:
-            raise ValueError(f"prev_std_weight (α) must be in [0, 1), got {prev_std_weight}")
+            raise BNInitValueError(f"prev_std_weight (α) must be in [0, 1), got {prev_std_weight}")
         self.prev_std_weight = float(prev_std_weight)
         super().__init__(num_features, *args, device=device, dtype=dtype, **kwargs)
         # No γ. Model families' init code writes BN weights (``nn.init.ones_(m.weight)``), so ``weight`` stays as a

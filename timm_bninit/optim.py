@@ -8,6 +8,9 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import BNInitValueError
+from .gammas import bn_gammas
+
 __all__ = ["param_groups", "param_group_fn", "gamma_lr_div_of"]
 
 
@@ -59,14 +62,9 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, lr: flo
                                                    param_group_fn=param_group_fn(weight_decay=1e-4))
     """
     if gamma_lr_div is not None and not gamma_lr_div > 0:
-        raise ValueError(f"gamma_lr_div must be > 0, got {gamma_lr_div}")
+        raise BNInitValueError(f"gamma_lr_div must be > 0, got {gamma_lr_div}")
     no_weight_decay = set(getattr(model, "no_weight_decay", lambda: set())())
-    gamma_ids: dict[int, float] = {}
-    for module in model.modules():
-        divisor = gamma_lr_div_of(module, gamma_lr_div)
-        if divisor is not None and isinstance(getattr(module, "weight", None), nn.Parameter):
-            gamma_ids[id(module.weight)] = divisor
-
+    gamma_ids = {id(gamma): gamma_lr_div_of(module, gamma_lr_div) for _, module, gamma in bn_gammas(model)}
     decay, no_decay, gamma_by_div = [], [], {}
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -80,6 +78,10 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, lr: flo
         else:
             decay.append(param)
 
+    return _with_lr(_groups(decay, no_decay, gamma_by_div, weight_decay), lr)
+
+
+def _groups(decay: list, no_decay: list, gamma_by_div: dict[float, list], weight_decay: float | None) -> list[dict]:
     groups: list[dict[str, Any]] = []
     if decay:
         groups.append({"name": "decay", "params": decay})
@@ -90,6 +92,11 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, *, lr: flo
     for divisor, params in sorted(gamma_by_div.items()):
         name = "bn_gamma" if len(gamma_by_div) == 1 else f"bn_gamma_div{divisor:g}"
         groups.append({"name": name, "params": params, "weight_decay": 0.0, "gamma_lr_div": divisor})
+    return groups
+
+
+def _with_lr(groups: list[dict[str, Any]], lr: float | None) -> list[dict[str, Any]]:
+    """γ's rate as an explicit ``lr`` (torch convention) or as ``lr_scale`` (timm's), never both."""
     for group in groups:
         divisor = group.get("gamma_lr_div", 1.0)
         if lr is not None:

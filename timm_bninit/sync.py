@@ -31,7 +31,7 @@ from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BNInitError
+from .errors import BNInitError, BNInitValueError
 from .norm import (
     BatchNormGamma2d,
     BatchNormGammaAct2d,
@@ -100,7 +100,7 @@ def _cpu_sync_batch_norm(layer: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tens
     var = dist_nn.all_reduce(centered.square().sum(dims), group=group) / count
     if layer.track_running_stats:
         if count <= 1:
-            raise ValueError(f"{type(layer).__name__} needs more than 1 value per channel in training mode")
+            raise BNInitValueError(f"{type(layer).__name__} needs more than 1 value per channel in training mode")
         layer.num_batches_tracked.add_(1)
         factor = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
         with torch.no_grad():

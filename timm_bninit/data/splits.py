@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import BNInitValueError
 from .errors import DatasetError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def add_validation_split(dataset: DatasetDict, val_fraction: float = 0.1, split_
     if "validation" in dataset:
         return DatasetDict(train=dataset["train"], validation=dataset["validation"], test=dataset["test"])
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise BNInitValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     train = dataset["train"]
     if val_fraction == 0.0:
         return DatasetDict(train=train, validation=train.select([], keep_in_memory=True), test=dataset["test"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -25,9 +25,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from . import layout
 from .analysis import GAMMA_THRESHOLDS, small_gamma_fraction
-
-if TYPE_CHECKING:
-    from .report import SweepTable
+from .report import SweepTable, format_p
 
 __all__ = ["plot_sweep", "plot_paired_differences", "plot_accuracy_per_epoch", "plot_gamma_by_depth",
            "plot_small_gamma", "plot_initial_scale", "JITTER"]
@@ -77,8 +75,6 @@ def _metric_text(metric: str) -> str:
 
 def _row_text(cell: Any, holm: bool) -> str:
     """What the estimation plot writes beside a row: the mean difference, its CI and the table's p-value."""
-    from .report import _format_p  # the table's own formatting, so both show the same digits
-
     if cell is None:
         return "not run"
     if cell.power is None:
@@ -86,7 +82,7 @@ def _row_text(cell: Any, holm: bool) -> str:
     summary = cell.power
     p = cell.p_holm if holm else cell.p
     interval = f"{summary.mean_diff:+.2f} [{summary.ci_low:+.2f}, {summary.ci_high:+.2f}]".replace("-", "−")
-    return f"{interval}\n{'p (Holm)' if holm else 'p'} = {_format_p(p)}, n = {cell.n}"
+    return f"{interval}\n{'p (Holm)' if holm else 'p'} = {format_p(p)}, n = {cell.n}"
 
 
 def plot_paired_differences(table: SweepTable, colours: Colours) -> Figure:

@@ -141,7 +141,7 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
     return tables
 
 
-def _format_p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     if p is None:
         return "—"
     if math.isnan(p):
@@ -167,7 +167,7 @@ def markdown(table: SweepTable) -> str:
             text = _cell_text(cell)
             if cell is not None and cell.significant(table.holm):
                 text = f"**{text}**"
-            row += [text, _format_p(None if cell is None else (cell.p_holm if table.holm else cell.p))]
+            row += [text, format_p(None if cell is None else (cell.p_holm if table.holm else cell.p))]
         rows.append("| " + " | ".join(row) + " |")
     metric = "test accuracy at the best-validation epoch" if table.metric == "best_val" else \
         "test accuracy at the last epoch"
@@ -241,7 +241,7 @@ def latex(table: SweepTable) -> str:
             if cell.significant(table.holm):
                 text = f"\\textbf{{{text}}}"
             p = cell.p_holm if table.holm else cell.p
-            parts += [text, "--" if p is None else esc(_format_p(p))]
+            parts += [text, "--" if p is None else esc(format_p(p))]
         lines.append(" & ".join(parts) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -289,6 +289,7 @@ def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = 
         tex.write_text(latex(table))
         written.append(tex)
     if plots:
+        # matplotlib costs about 1-2 s to import here: a --no-plots report does not pay it
         from .plots import plot_sweep
 
         written += plot_sweep(runs, report_dir, tables)

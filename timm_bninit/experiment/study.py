@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from . import layout
@@ -38,8 +39,6 @@ def load_protocol(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    import torch
-
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
         platform.processor()

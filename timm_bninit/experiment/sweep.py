@@ -23,6 +23,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import submitit
+import torch
+from submitit.core.utils import FailedJobError, FailedSubmissionError
+
 from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
@@ -115,8 +119,6 @@ def sweep_status(specs: Sequence[RunSpec]) -> dict[str, list[RunSpec]]:
 
 def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | None = None) -> dict[str, Any]:
     """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep."""
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
@@ -187,8 +189,6 @@ def _run_submitit(todo: Sequence[RunSpec], out: Path, executor: str, parallel: i
     if executor == "slurm":
         _run_slurm(todo, out, parallel, data_cache_dir, slurm, log)
         return
-    import submitit
-
     runner = submitit.LocalExecutor(folder=out / SUBMITIT_DIR / "%j")
     runner.update_parameters(timeout_min=24 * 60, visible_gpus=())
     with runner.batch():
@@ -204,9 +204,6 @@ def _run_slurm(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir
                slurm: dict[str, Any], log) -> None:
     """Submit the runs as one job array and wait for it; ``<out>/submitit/jobs.json`` records which job ran which
     run directory."""
-    import submitit
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
     folder = out / SUBMITIT_DIR / "%j"
     # a job an earlier sweep command submitted (that command was killed, the job went on) is waited for, not
     # submitted again: two jobs on one run directory would race on its checkpoint
