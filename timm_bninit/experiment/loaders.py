@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from timm.data import create_transform, resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms as T
@@ -22,7 +23,7 @@ from .layout import RunError
 from .seeding import rng_scope, seed_for, seed_globals
 
 __all__ = ["EpochIndex", "SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "build_loaders",
-           "decoded_images"]
+           "decoded_images", "resize_crop_size"]
 
 _DECODED: dict[str, list[Any]] = {}  # per process: decoded images of a split, shared by the runs of a sweep worker
 
@@ -132,15 +133,40 @@ class EpochShuffleSampler(Sampler[EpochIndex]):
         return iter([EpochIndex(index, epoch) for index in torch.randperm(self.size, generator=generator).tolist()])
 
 
-def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any]:
-    """Train and eval transforms from timm (``resolve_model_data_config`` + ``create_transform``).
+def resize_crop_size(augmentation: str) -> int | None:
+    """S of a ``resize<S>_crop`` augmentation (``resize600_crop`` -> 600); None for any other mode."""
+    middle = augmentation[len("resize"):-len("_crop")]
+    if augmentation.startswith("resize") and augmentation.endswith("_crop") and middle.isascii() and middle.isdigit():
+        return int(middle)
+    return None
 
-    With ``input_bn`` the images stay [0, 1] pixels (mean 0, std 1): the model's input BN normalises them.
+
+def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any]:
+    """Train and eval transforms: timm's (``resolve_model_data_config`` + ``create_transform``), or the fine-grained
+    baselines' ``resize<S>_crop``.
+
+    ``resize<S>_crop`` resizes to S×S (aspect ratio not kept), takes a random ``img_size`` crop and flips it
+    horizontally with probability 1/2, with no colour jitter; eval resizes to S×S and takes the centre crop. This is
+    mmclassification's ResNet-50 CUB/Cars pipeline (``Resize(size=S)`` is S×S there), built from torchvision
+    transforms because timm's training transforms (RRC, ``ResizeKeepRatio``) resize to the crop size itself, never
+    to a fixed larger S. With ``input_bn`` the images stay [0, 1] pixels (mean 0, std 1): the model's input BN
+    normalises them.
     """
     data_config = resolve_model_data_config(model)
     if config["input_bn"]:
         data_config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    size = config["img_size"]
+    size, resize = config["img_size"], resize_crop_size(config["augmentation"])
+    if resize is not None:
+        if resize < size:
+            raise RunError(f"augmentation {config['augmentation']!r} resizes to {resize}×{resize}, smaller than the "
+                           f"img_size={size} crop; use resize<S>_crop with S ≥ {size}")
+        interpolation = str_to_interp_mode(data_config["interpolation"])
+        to_tensor = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+        train_transform = T.Compose([T.Resize((resize, resize), interpolation=interpolation), T.RandomCrop(size),
+                                     T.RandomHorizontalFlip(), *to_tensor])
+        eval_transform = T.Compose([T.Resize((resize, resize), interpolation=interpolation), T.CenterCrop(size),
+                                    *to_tensor])
+        return train_transform, eval_transform
     eval_transform = create_transform(input_size=(3, size, size), is_training=False, mean=data_config["mean"],
                                       std=data_config["std"], interpolation=data_config["interpolation"],
                                       crop_pct=data_config["crop_pct"] if size >= 128 else 1.0)

@@ -17,6 +17,7 @@ from ..data.hub import HUB_COPIES
 from ..errors import BNInitError, did_you_mean
 from ..norm import BatchNormGamma2d
 from ..registry import UnknownNormLayerError, resolve_norm_layer
+from .loaders import resize_crop_size
 
 __all__ = ["DEFAULTS", "SCHEMA", "OFFICIAL_PROTOCOL", "RecipeError", "check_config", "recipe_dir", "list_recipes",
            "load_recipe", "apply_overrides"]
@@ -72,7 +73,9 @@ DEFAULTS: dict[str, Any] = {
     "mixed_precision": "no",      # no | fp16 | bf16
     # images
     "img_size": 224,
-    "augmentation": "rrc",        # rrc: timm's random-resized-crop + flip | flip: flip only | none
+    "augmentation": "rrc",        # rrc: timm's random-resized-crop + flip | flip: flip only | none | resize<S>_crop
+                                  # (e.g. resize600_crop): S×S resize, random img_size crop, flip; eval: S×S resize,
+                                  # centre crop (the fine-grained baselines' pipeline, loaders.build_transforms)
     # evaluation
     "precise_bn_batches": 0,      # re-estimate BN statistics on this many train batches before each evaluation
     "seed": 1,
@@ -143,7 +146,9 @@ SCHEMA: dict[str, tuple[str, tuple]] = {
     "label_smoothing": ("float", _FRACTION), "ema": ("bool", _ANY),
     "ema_decay": ("float", (lambda v: 0 < v < 1, "in (0, 1)")),
     "mixed_precision": ("str", _one_of("no", "fp16", "bf16")), "img_size": ("int", (lambda v: v >= 8, "≥ 8")),
-    "augmentation": ("str", _one_of("rrc", "flip", "none")), "precise_bn_batches": ("int", _NONNEG),
+    "augmentation": ("str", (lambda v: v in ("rrc", "flip", "none") or (resize_crop_size(v) or 0) >= 8,
+                             "rrc, flip, none, or resize<S>_crop with S ≥ 8 such as resize600_crop")),
+    "precise_bn_batches": ("int", _NONNEG),
     "seed": ("int", _NONNEG), "sync_bn": ("bool", _ANY),
     "log_with": ("str?", _one_of("tensorboard", "wandb", "mlflow", "all")),
 }
