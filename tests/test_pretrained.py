@@ -1,4 +1,4 @@
-"""Offline pretrained loading and create_model across families (the SyncBatchNorm guard: tests/test_sync.py)."""
+"""Offline pretrained loading (create_model across families: tests/test_factory.py; SyncBN: tests/test_sync.py)."""
 
 import huggingface_hub.constants
 import pytest
@@ -115,26 +115,3 @@ def test_bad_weight_files_get_clear_errors(tmp_path):
         tb.load_state_dict_file(tmp_path / "meta.pth")
     with pytest.raises(ValueError, match=r"either pretrained .* or pretrained_file"):
         tb.create_model("resnet18", pretrained=True, pretrained_file=tmp_path / "w.pth")
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "dla34", "rexnet_100",
-                                  "regnetx_002", "densenet121", "cspresnet50", "resnetv2_50d"])
-def test_create_model_gives_gamma0_on_every_bn(arch):
-    model = tb.create_model(arch, "bn_gamma01", num_classes=3)
-    layers = bn_layers(model)
-    assert layers and all(isinstance(m, tb.BatchNormGamma2d | tb.BatchNormGammaAct2d) for m in layers)
-    assert all(torch.all(m.weight == 0.1) and torch.all(m.bias == 0) for m in layers)
-
-
-def test_create_model_zero_init_last_interplay():
-    default = tb.create_model("resnet50", "bn_gamma01")
-    assert all(torch.all(m.weight == 0.1) for m in bn_layers(default)) and len(bn_layers(default)) == 53
-    zeroed = tb.create_model("resnet50", "bn_gamma01", zero_init_last=True)
-    assert all(torch.all(b.bn3.weight == 0) for stage in (zeroed.layer1, zeroed.layer4) for b in stage)
-    assert torch.all(zeroed.layer1[0].bn1.weight == 0.1)
-
-
-def test_timm_zero_init_last_false_lands_gamma0_on_all_53_layers():
-    model = timm.create_model("resnet50", norm_layer="bn_gamma01", zero_init_last=False)
-    layers = bn_layers(model)
-    assert len(layers) == 53 and all(torch.all(m.weight == 0.1) for m in layers)

@@ -76,6 +76,7 @@ BAD_VALUES = {
     "augmentation": ([1], "bogus"), "precise_bn_batches": ("abc", "-1"), "seed": ("abc", "-1"),
     "train_per_class": ("abc", "0"), "input_bn": ("maybe", None), "protocol": ([1], "paper"),
     "sync_bn": ("maybe", None), "log_with": ([1], "neptune"),
+    "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"),
 }
 
 
@@ -122,3 +123,13 @@ def test_bad_values_through_the_script_print_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: recipe key 'gamma_lr_div' expects a number > 0, or null, got 'abc'"]
+
+
+def test_cars_steps_the_lr_where_its_baseline_does():
+    import timm_bninit as tb
+
+    training = tb.build_training("cars", num_classes=196, train_size=7330, pretrained=False)
+    # mmclassification's stanford_cars_bs8 schedule: lr 0.003, × 0.1 from (0-indexed) epochs 40, 70 and 90
+    want = {0: 3e-3, 39: 3e-3, 40: 3e-4, 69: 3e-4, 70: 3e-5, 89: 3e-5, 90: 3e-6, 99: 3e-6}
+    for epoch, lr in want.items():
+        assert training.scheduler._get_lr(epoch)[0] == pytest.approx(lr, rel=1e-9), epoch

@@ -6,12 +6,13 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 from scipy.optimize import brentq
 
 from timm_bninit.experiment import layout
-from timm_bninit.experiment.report import write_report
+from timm_bninit.experiment.report import holm, write_report
 
 
 def _power_sweep(out: Path, values: dict[tuple[str, float], list[float]], seeds: list[int], dataset: str = "fake"):
@@ -93,3 +94,10 @@ def test_report_power_section_notes_holm(tmp_path):
     out = _power_sweep(tmp_path / "sweep", {("base", 0.1): POWER_BASE, ("better", 0.1): POWER_NEW}, [1, 2, 3, 4, 5])
     write_report(out, tmp_path / "report", plots=False, use_holm=True)
     assert "lower bounds for the corrected test" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_holm_matches_hand_computation():
+    # sorted p: 0.01, 0.02, 0.04 with m = 3 -> 0.03, 0.04, max(0.04, 0.04) = 0.04
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, float("nan"), 0.01])[2] == pytest.approx(0.02)
+    assert np.isnan(holm([0.5, float("nan"), 0.01])[1])

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import torch
 
+from timm_bninit.experiment.loaders import EpochShuffleSampler
 from timm_bninit.experiment.seeding import rng_scope, seed_for, seed_globals
 
 
@@ -46,3 +47,14 @@ def test_seed_globals_draws_what_the_scope_draws_and_keeps_the_seeded_state():
     after = draws()
     assert_same(after, inside)
     assert_same(after, expected_draws(seed))
+
+
+def test_seed_streams_are_independent_and_stable():
+    assert seed_for(1, "augment", 0, 5) == seed_for(1, "augment", 0, 5)
+    assert len({seed_for(1, "augment", 0, 5), seed_for(1, "augment", 1, 5), seed_for(2, "augment", 0, 5),
+                seed_for(1, "data-order", 0, 5)}) == 4
+    orders = [list(EpochShuffleSampler(20, seed=3)) for _ in range(2)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))
+    sampler = EpochShuffleSampler(20, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) != orders[0]

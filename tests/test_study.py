@@ -12,6 +12,7 @@ from timm_bninit.experiment.recipe import RecipeError
 from timm_bninit.experiment.study import load_protocol, run_study
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     make_imagefolder(tmp_path / "data", class_names=("a", "b", "c", "d"), counts={"train": 10, "test": 4})
     common = {"dataset": "imagefolder", "data_dir": str(tmp_path / "data"), "model": "test_resnet", "img_size": 16,

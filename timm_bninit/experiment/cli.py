@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BNInitError
 from .distributed import is_main_process, shared_run_dir
 from .layout import RunError, default_run_dir
-from .recipe import apply_overrides, check_config, list_recipes, load_recipe
+from .recipe import RecipeError, apply_overrides, check_config, list_recipes, load_recipe
 from .report import pilot_plan_text, plan_from_pilot, write_report
 from .study import run_study
 from .sweep import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
@@ -164,12 +164,16 @@ def compare_main(argv: list[str] | None = None) -> int:
         for name, items in sweep_status(specs).items():
             print(f"{name}: {len(items)}" + "".join(f"\n  {s.run_dir}" for s in items if name != "finished"))
         return 0
+    bad = [item for item in args.slurm if "=" not in item]
+    if bad:
+        raise RecipeError(f"--slurm {bad[0]!r} is not KEY=VALUE (e.g. --slurm slurm_partition=gpu)")
     slurm = dict(item.split("=", 1) for item in args.slurm)
     final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
                       executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
     unfinished = len(final["failed"]) + len(final["pending"]) + len(final["interrupted"])
     print(f"{len(final['finished'])} of {len(specs)} runs finished" +
-          (f"; {unfinished} not (see error.json files; --retry-failed re-runs failed ones)" if unfinished else ""))
+          (f"; {unfinished} not: re-run the same command to resume interrupted ones, and see the error.json of "
+           f"failed ones (--retry-failed re-runs them)" if unfinished else ""))
     return 1 if unfinished else 0
 
 

@@ -31,6 +31,7 @@ from ..errors import BNInitError
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
+    "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
     "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_error", "write_error",
     "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs", "check_new_run_dir",
@@ -47,6 +48,8 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"   # inside checkpoint/: loop counters and the scheduler
 EMA_FILE = "ema.pt"                 # inside checkpoint/
 PLAN_FILE = "sweep.json"
+SUBMITIT_DIR = "submitit"           # in a sweep: submitit's folders (job scripts, pickles, logs), one per job
+JOBS_FILE = "jobs.json"             # in SUBMITIT_DIR: run directory (relative to the sweep) -> its last Slurm job
 SUMMARY_FILE = "summaries.json"     # a study part's run summaries
 STUDY_FILE = "study.json"           # a study's record: protocol, seeds, wall time, machine
 

@@ -64,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 0,
     "warmup_lr": 1e-5,
     "min_lr": 0.0,
+    "decay_milestones": None,     # sched multistep: the epochs at which lr is multiplied by decay_rate; None: timm's
+    "decay_rate": 0.1,
     "epochs": 10,
     "batch_size": 64,
     "grad_accum_steps": 1,
@@ -142,6 +144,9 @@ SCHEMA: dict[str, tuple[str, tuple]] = {
     "lr": ("float", _POSITIVE), "momentum": ("float", _FRACTION), "weight_decay": ("float", _NONNEG),
     "sched": ("str", _one_of(*_TIMM_SCHEDULERS)), "step_on_epochs": ("bool", _ANY),
     "warmup_epochs": ("int", _NONNEG), "warmup_lr": ("float", _NONNEG), "min_lr": ("float", _NONNEG),
+    "decay_milestones": ("list?", (lambda v: bool(v) and all(isinstance(e, int) and e >= 1 for e in v),
+                                   "a list of epochs ≥ 1")),
+    "decay_rate": ("float", _POSITIVE),
     "epochs": ("int", _AT_LEAST_1), "batch_size": ("int", _AT_LEAST_1), "grad_accum_steps": ("int", _AT_LEAST_1),
     "label_smoothing": ("float", _FRACTION), "ema": ("bool", _ANY),
     "ema_decay": ("float", (lambda v: 0 < v < 1, "in (0, 1)")),
@@ -308,6 +313,10 @@ def check_config(config: dict[str, Any]) -> None:
         if not (isinstance(base, type) and issubclass(base, BatchNormGamma2d)):
             raise RecipeError(f"recipe key 'gamma_init': gamma_init sets γ0 of a bn_gamma* layer, but norm_layer is "
                               f"{config['norm_layer']!r}; use e.g. norm_layer=bn_gamma1 gamma_init=0.731")
+    crop_from = resize_crop_size(config["augmentation"])
+    if crop_from is not None and crop_from < config["img_size"]:
+        raise RecipeError(f"recipe key 'augmentation': {config['augmentation']} resizes to {crop_from} px, smaller "
+                          f"than the {config['img_size']} px crop (img_size); resize to at least img_size")
     for tracker, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available),
                                ("mlflow", is_mlflow_available)):
         if config["log_with"] == tracker and not available():

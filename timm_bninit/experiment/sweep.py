@@ -172,8 +172,7 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int
 # ---------------------------------------------------------------------------------------------------------------
 # Through submitit: its local executor, or Slurm job arrays
 
-SUBMITIT_DIR = "submitit"  # submitit's folders (job scripts, pickles, logs), one per job, inside the sweep directory
-JOBS_FILE = "jobs.json"    # in SUBMITIT_DIR: run directory (relative to the sweep) -> the Slurm job that ran it last
+SUBMITIT_DIR, JOBS_FILE = layout.SUBMITIT_DIR, layout.JOBS_FILE
 SLURM_POLL_SECONDS = 2.0
 # generic submitit parameters and their types; --slurm KEY=VALUE gives strings, submitit asserts these types
 _TYPED_PARAMETERS = {"timeout_min": int, "mem_gb": float, "nodes": int, "cpus_per_task": int, "gpus_per_node": int,

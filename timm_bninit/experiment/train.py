@@ -86,7 +86,9 @@ def build_scheduler(config: dict[str, Any], optimizer: Any, updates_per_epoch: i
     scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
                                        warmup_epochs=config["warmup_epochs"], warmup_lr=config["warmup_lr"],
                                        min_lr=config["min_lr"], step_on_epochs=config["step_on_epochs"],
-                                       updates_per_epoch=updates_per_epoch)
+                                       updates_per_epoch=updates_per_epoch, decay_rate=config["decay_rate"],
+                                       **({"decay_milestones": tuple(config["decay_milestones"])}
+                                          if config["decay_milestones"] else {}))
     return scheduler
 
 

@@ -1,4 +1,4 @@
-"""The fine-tuning pipeline: recipes, run directory, seed pairing, resume after a kill, errors before training."""
+"""A run: run directory, seed pairing, resume after a kill, errors before training, trackers."""
 
 import json
 import os
@@ -20,10 +20,9 @@ import timm_bninit as tb
 from timm_bninit.data import DatasetError, load_image_dataset
 from timm_bninit.experiment.cli import finetune_main
 from timm_bninit.experiment.layout import RunError
-from timm_bninit.experiment.loaders import EpochShuffleSampler, SeededImageDataset
+from timm_bninit.experiment.loaders import SeededImageDataset
 from timm_bninit.experiment.model import build_model
 from timm_bninit.experiment.recipe import RecipeError, load_recipe
-from timm_bninit.experiment.seeding import seed_for
 from timm_bninit.experiment.train import run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,17 +41,6 @@ def tiny_config(data_root: Path, cache: Path, **changes):
                   epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
     config.update(changes)
     return config
-
-
-def test_seed_streams_are_independent_and_stable():
-    assert seed_for(1, "augment", 0, 5) == seed_for(1, "augment", 0, 5)
-    assert len({seed_for(1, "augment", 0, 5), seed_for(1, "augment", 1, 5), seed_for(2, "augment", 0, 5),
-                seed_for(1, "data-order", 0, 5)}) == 4
-    orders = [list(EpochShuffleSampler(20, seed=3)) for _ in range(2)]
-    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))
-    sampler = EpochShuffleSampler(20, seed=3)
-    sampler.set_epoch(1)
-    assert list(sampler) != orders[0]
 
 
 def test_paired_runs_share_init_order_and_augmentation(tiny_data, tmp_path):
@@ -171,6 +159,7 @@ def _log(run_dir: Path, resumed: bool = False) -> str:
     return (run_dir.parent / f"{run_dir.name}-{int(resumed)}.log").read_text()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     make_imagefolder(tmp_path / "more", counts={"train": 30, "test": 6})
     config = tiny_config(tmp_path.parent, tmp_path, norm_layer="rbn", epochs=6, batch_size=4,

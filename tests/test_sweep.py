@@ -1,4 +1,4 @@
-"""Sweeps and reports: a real small sweep, killed and resumed, reported numbers checked against scipy directly."""
+"""Sweeps: the plan, and a real small sweep killed, resumed and reported, its numbers checked against scipy."""
 
 import csv
 import json
@@ -17,7 +17,7 @@ from scipy import stats
 
 from timm_bninit.experiment.cli import compare_main
 from timm_bninit.experiment.recipe import RecipeError
-from timm_bninit.experiment.report import IncompleteSweepError, holm, load_sweep, summarise
+from timm_bninit.experiment.report import IncompleteSweepError, load_sweep, summarise
 from timm_bninit.experiment.sweep import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
 from timm_bninit.registry import UnknownNormLayerError
 
@@ -65,13 +65,6 @@ def test_plan_pairs_runs_by_seed(tiny_recipe, tmp_path):
     assert Path(specs[0].run_dir) == tmp_path / "base" / "lr0.1" / "seed1"
 
 
-def test_holm_matches_hand_computation():
-    # sorted p: 0.01, 0.02, 0.04 with m = 3 -> 0.03, 0.04, max(0.04, 0.04) = 0.04
-    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
-    assert holm([0.5, float("nan"), 0.01])[2] == pytest.approx(0.02)
-    assert np.isnan(holm([0.5, float("nan"), 0.01])[1])
-
-
 def _launch(args, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as handle:
@@ -79,6 +72,7 @@ def _launch(args, log: Path) -> subprocess.Popen:
                                 stdout=handle, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_sweep_killed_resumed_and_reported(tiny_recipe, tmp_path):
     out = tmp_path / "out"
     args = ["run", "--recipe", str(tiny_recipe), "--methods", "base,bn_gamma01", "--lr", "0.05", "--seeds", "1-3",
@@ -127,6 +121,7 @@ def test_sweep_killed_resumed_and_reported(tiny_recipe, tmp_path):
     assert "\\begin{tabular}" in (out / "report" / "report_imagefolder.tex").read_text()
 
 
+@pytest.mark.slow
 def test_failed_runs_are_recorded_and_retried_only_on_request(tiny_recipe, tmp_path):
     specs = plan_sweep(str(tiny_recipe), "base,bn_gamma01+batch_size=1000", [0.05], [1], tmp_path / "out")
     status = run_sweep(specs, tmp_path / "out", data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
@@ -145,6 +140,7 @@ def test_failed_runs_are_recorded_and_retried_only_on_request(tiny_recipe, tmp_p
     assert error_file.stat().st_mtime_ns != stamp  # re-tried (and failed again)
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_same_path(tiny_recipe, tmp_path):
     specs = plan_sweep(str(tiny_recipe), "bn_uniform", [0.05], [2], tmp_path / "out", ["epochs=1"])
     status = run_sweep(specs, tmp_path / "out", executor="submitit-local", data_cache_dir=str(tmp_path / "cache"),
