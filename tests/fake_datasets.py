@@ -288,3 +288,14 @@ def _write_hub_card(path: Path, repo: FakeHubRepo, with_bbox: bool) -> None:
         lines += [f"  - name: {split}", "    num_bytes: 1000", f"    num_examples: {size}"]
     lines += ["---", "", "A local stand-in of a hub dataset repository, made by the tests."]
     _write_lines(path, lines)
+
+
+def tiny_config(data_root: Path, cache: Path, **changes) -> dict:
+    """The demo recipe on the ``tiny_data`` imagefolder (conftest.py): test_resnet, 16 px, 2 epochs, seconds a run."""
+    from timm_bninit.experiment.recipe import load_recipe
+
+    config = load_recipe("demo")
+    config.update(dataset="imagefolder", data_dir=str(data_root / "folder"), model="test_resnet", img_size=16,
+                  epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
+    config.update(changes)
+    return config

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from fake_datasets import make_imagefolder
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
@@ -214,13 +213,6 @@ def test_official_pins_its_keys_and_refuses_conflicts_before_any_work(tmp_path):
     with pytest.raises(RecipeError, match="'train_per_class' expects an integer ≥ 1"):
         apply_overrides(config, ["train_per_class=0"])
     assert apply_overrides(config, ["protocol=timm", "optimizer=sgd"])["optimizer"] == "sgd"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    make_imagefolder(base / "folder", counts={"train": 12, "test": 4})
-    return base
 
 
 def test_train_per_class_keeps_k_per_class_after_the_validation_split(tiny_data, tmp_path):

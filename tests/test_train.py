@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import yaml
-from fake_datasets import make_imagefolder
+from fake_datasets import make_imagefolder, tiny_config
 from timm.data import create_transform
 
 import timm_bninit as tb
@@ -22,25 +22,10 @@ from timm_bninit.experiment.cli import finetune_main
 from timm_bninit.experiment.layout import RunError
 from timm_bninit.experiment.loaders import SeededImageDataset
 from timm_bninit.experiment.model import build_model
-from timm_bninit.experiment.recipe import RecipeError, load_recipe
+from timm_bninit.experiment.recipe import RecipeError
 from timm_bninit.experiment.train import run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    make_imagefolder(base / "folder", counts={"train": 12, "test": 4})
-    return base
-
-
-def tiny_config(data_root: Path, cache: Path, **changes):
-    config = load_recipe("demo")
-    config.update(dataset="imagefolder", data_dir=str(data_root / "folder"), model="test_resnet", img_size=16,
-                  epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
-    config.update(changes)
-    return config
 
 
 def test_paired_runs_share_init_order_and_augmentation(tiny_data, tmp_path):
