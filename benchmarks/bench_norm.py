@@ -47,7 +47,7 @@ import timm_bninit as tb
 RESNET50_STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
 
 
-# ---- straightforward implementations of the formulas (REFERENCE §2, §3), for comparison ---------------------------
+# ---- straightforward implementations of the formulas (docs/methods.md §2, §3), for comparison ----------
 
 
 class _Straightforward(nn.BatchNorm2d):

@@ -63,7 +63,7 @@ def make_input(seed: int, n: int = 3, h: int = 2, w: int = 3, offset: float = 2.
     return (means + scales * torch.randn(n, C, h, w, generator=gen, dtype=torch.float64)).to(dtype)
 
 
-# ---- the formulas (shared/REFERENCE.md §2-§4), training mode, written out with plain tensor ops ------------------
+# ---- the formulas (docs/methods.md §2-§4), training mode, written out with plain tensor ops ------------------
 
 
 def _channel(t: torch.Tensor) -> torch.Tensor:

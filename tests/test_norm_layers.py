@@ -1,4 +1,4 @@
-"""Unit tests of the timm-bninit norm layers against the formulas of shared/REFERENCE.md §1-§5.
+"""Unit tests of the timm-bninit norm layers against the formulas of docs/methods.md §1-§5.
 
 Every numerical expectation is written out below with plain tensor ops (``reference_*`` helpers); a layer is never
 compared with itself or with another instance of itself. Numerics run in float64 with non-default values for every

@@ -232,7 +232,7 @@ def test_custom_partial_through_create_model(restore_registries):
     # activation preserved: the fused layers carry exactly the stock model's activations (SiLU), no ReLU anywhere
     assert act_types(effnet) == act_types(timm.create_model("efficientnet_b0", num_classes=4))
     assert isinstance(effnet.bn1.act, nn.SiLU) and not any(isinstance(m, nn.ReLU) for m in effnet.modules())
-    # EfficientNet's own init sets every BN γ to 1 (REFERENCE §1): γ0 is re-applied by reset_affine_parameters
+    # EfficientNet's own init sets every BN γ to 1 (docs/methods.md §1): γ0 is re-applied by reset_affine_parameters
     for m in norms:
         m.reset_affine_parameters()
     assert all(torch.all(m.weight == 0.2) for m in norms)

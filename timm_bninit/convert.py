@@ -8,7 +8,7 @@
 * ``scale``: γ · γ0.
 
 Running statistics, β and ``requires_grad`` flags are always carried over. A policy that changes γ changes the scale
-of every downstream activation, so downstream running statistics no longer match (REFERENCE §9): pass
+of every downstream activation, so downstream running statistics no longer match (docs/methods.md §9): pass
 ``calibration_batches`` to recalibrate them, or call :func:`recalibrate_bn_stats` before evaluating.
 """
 

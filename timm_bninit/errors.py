@@ -46,7 +46,7 @@ def did_you_mean(name: str, choices: Iterable[str], *, key: Callable[[str], str]
     return f"Did you mean {', '.join(repr(by_key[k]) for k in close)}?" if close else ""
 
 
-# A bn_transfer policy that changed pretrained γ (convert_norm, load_pretrained): REFERENCE §9, docs/methods.md §9
+# A bn_transfer policy that changed pretrained γ (convert_norm, load_pretrained): docs/methods.md §9
 STALE_STATISTICS = ("bn_transfer={policy!r} changed γ in {count} norm layers, so the running statistics of later "
                     "layers no longer match their inputs; recalibrate them with "
                     "timm_bninit.recalibrate_bn_stats(model, train_batches){extra} before evaluating")

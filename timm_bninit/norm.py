@@ -1,7 +1,7 @@
 """Batch-normalisation variants as drop-in ``nn.BatchNorm2d`` subclasses.
 
 Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict keys keep matching, and accepts
-``device``/``dtype`` like any torch layer. Formulas are per channel and follow ``shared/REFERENCE.md``:
+``device``/``dtype`` like any torch layer. Formulas are per channel and follow ``docs/methods.md``:
 
 * :class:`BatchNormGamma2d`: ordinary BN whose γ starts at γ0 < 1 and whose γ learning rate is divided by
   ``gamma_lr_div`` (Davis & Frank, §1). At run time it *is* plain BN.
@@ -313,7 +313,7 @@ class _CalibratedBase(BatchNormVariant):
 
 
 class _RBNBase(_CalibratedBase):
-    """RBN (REFERENCE §2). Extra per-channel parameters: ``centering_weight`` (w_m, init 0), ``scaling_weight``
+    """RBN (docs/methods.md §2). Extra per-channel parameters: ``centering_weight`` (w_m, init 0), ``scaling_weight``
     (w_v, init 0), ``scaling_bias`` (w_b, init 1).
 
     ``identity_init=True`` divides the scaling calibration by its initial value σ(w_b0) = σ(1), a constant, so the
@@ -418,7 +418,7 @@ class RepresentativeBatchNormAct2d(_RBNBase, BatchNormAct2d):
 
 
 class _IEBNBase(_CalibratedBase):
-    """IEBN (REFERENCE §3). Extra per-channel parameters: ``instance_weight`` (γ̂, init 0), ``instance_bias``
+    """IEBN (docs/methods.md §3). Extra per-channel parameters: ``instance_weight`` (γ̂, init 0), ``instance_bias``
     (β̂, init −1). ``a = σ(γ̂·GAP(x) + β̂)`` on the raw input, ``y = x̂·(γ·a) + β``.
 
     ``identity_init=True`` divides ``a`` by its initial value σ(−1) ≈ 0.269, a constant, so the layer starts as
@@ -500,7 +500,7 @@ class InstanceEnhancementBatchNormAct2d(_IEBNBase, BatchNormAct2d):
 
 
 class _BlendedStdBase(_CalibratedBase):
-    """BN without γ whose σ is blended with the previous training batch's (REFERENCE §4):
+    """BN without γ whose σ is blended with the previous training batch's (docs/methods.md §4):
 
     ``y = (x − μ_B) / (α·σ_prev + (1 − α)·σ_B) + β`` with α = ``prev_std_weight``.
 

@@ -51,7 +51,7 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         model = create_model(config["model"], norm_layer, pretrained=pretrained,
                              pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
     if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
-        # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (REFERENCE §9)
+        # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (docs/methods.md §9)
         with torch.no_grad():
             for _, _, gamma in bn_gammas(model):
                 gamma.fill_(1.0)

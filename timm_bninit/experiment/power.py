@@ -1,6 +1,6 @@
 """Power of a paired-seed comparison: what a design with n paired seeds can detect, and how many seeds it needs.
 
-The test is the project's (REFERENCE.md §6): one-sided paired t-test of ``new`` against ``base``,
+The test is the project's (docs/methods.md §6): one-sided paired t-test of ``new`` against ``base``,
 ``scipy.stats.ttest_rel(new, base, alternative='greater')``, significant at p ≤ α. On the per-seed differences
 d_i = new_i − base_i (mean δ̂, sample std s, n pairs) the statistic is T = δ̂·√n / s with n − 1 degrees of freedom.
 If the true mean difference is δ and the differences are normal with std σ, T follows a noncentral t with

@@ -53,8 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "input_bn": False,            # a BN (γ = 0.58·γ0, β frozen at 0) in front of the network on [0, 1] pixels instead
                                   # of mean/std normalisation (the official code's input normalisation)
     # optimisation
-    "protocol": "timm",           # timm | official: pin the keys of OFFICIAL_PROTOCOL (Davis & Frank's code, REFERENCE
-                                  # §1) and use its init (fan_in convs, zero biases, γ0 on every BN)
+    "protocol": "timm",           # timm | official: pin the keys of OFFICIAL_PROTOCOL (Davis & Frank's code,
+                                  # docs/methods.md §1) and use its init (fan_in convs, zero biases, γ0 on every BN)
     "optimizer": "sgd",
     "lr": 0.01,
     "momentum": 0.9,

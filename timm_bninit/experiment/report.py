@@ -28,7 +28,7 @@ __all__ = ["IncompleteSweepError", "Cell", "SweepTable", "PilotRow", "load_sweep
 METRICS = layout.RESULT_METRICS
 ALPHA = 0.05
 POWER = 0.8                 # the target power of every MDE and seed count in a report
-PLANNED_SEEDS = 15          # REFERENCE.md §6: the paper's 15 paired seeds
+PLANNED_SEEDS = 15          # docs/methods.md §6: the paper's 15 paired seeds
 
 
 class IncompleteSweepError(BNInitError, RuntimeError):
