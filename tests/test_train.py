@@ -253,3 +253,26 @@ def test_metrics_reach_tensorboard_and_metrics_jsonl_stays_the_source_of_truth(t
     logged = [(e.step, e.value) for e in scalars.Scalars("train_loss")]
     assert logged == [(m["epoch"], pytest.approx(m["train_loss"], rel=1e-6)) for m in metrics]
     assert [e.value for e in scalars.Scalars("lr/bn_gamma")] == pytest.approx([m["lr_gamma"] for m in metrics])
+
+
+def test_a_weights_file_loads_into_the_cifar_stem_and_input_bn_architecture(tiny_data, tmp_path):
+    # the file of a run with the CIFAR stem and the input BN fine-tunes a run of the same architecture: every
+    # tensor but the new classifier loads (the stem's 3×3 weights and the input BN's γ included)
+    source = tiny_config(tiny_data, tmp_path, model="resnet18", cifar_stem=True, input_bn=True, epochs=1)
+    run_finetune(source, tmp_path / "source", quiet=True, data_cache_dir=tmp_path / "cache")
+    weights = tmp_path / "source" / "best_model.safetensors"
+    config = tiny_config(tiny_data, tmp_path, model="resnet18", cifar_stem=True, input_bn=True,
+                         pretrained_file=str(weights), classes=[0, 1])
+    model = build_model(config, num_classes=2)
+    report = model.bninit_load_report
+    from safetensors.torch import load_file
+
+    saved = load_file(str(weights))
+    assert "model.conv1.weight" in report.loaded and "input_bn.weight" in report.loaded
+    assert set(report.initialised) == {"model.fc.weight", "model.fc.bias"}  # 3 classes in the file, 2 here
+    state = model.state_dict()
+    torch.testing.assert_close(state["model.conv1.weight"], saved["model.conv1.weight"])
+    # a file of another architecture loads nothing: refused, never a silent run from scratch
+    plain = tiny_config(tiny_data, tmp_path, model="resnet18", pretrained_file=str(weights))
+    with pytest.raises(tb.PretrainedLoadError, match="no tensor of .* fits the model"):
+        build_model(plain, num_classes=3)

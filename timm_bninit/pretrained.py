@@ -190,6 +190,10 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, t
     for key in target:
         if key not in state and key not in report.initialised:
             report.initialised[key] = _init_note(key, model)
+    if not report.loaded and not report.transferred:
+        raise PretrainedLoadError(f"no tensor of {name} fits the model: its keys ({', '.join(list(state)[:3])}, "
+                                  f"...) are not the model's ({', '.join(list(target)[:3])}, ...); was it saved from "
+                                  f"another architecture (cifar_stem, input_bn, another model)?")
     _, unexpected = model.load_state_dict(to_load, strict=False)
     assert not unexpected, f"internal error: unexpected keys {unexpected}"  # every key was matched above
     changed = [k for k, v in report.transferred.items() if v != "scaled by γ0=1"]

@@ -13,6 +13,7 @@ from torch import nn
 from ..convert import BNTransferWarning
 from ..factory import create_model
 from ..gammas import bn_gammas
+from ..pretrained import load_pretrained
 from ..registry import get_norm_layer
 from .protocol import apply_protocol
 from .recipe import RecipeError
@@ -42,14 +43,15 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         with rng_scope(seed_for(config["seed"], "init")):
             reference = timm.create_model(config["model"], **kwargs)
     pretrained = False if config["pretrained_file"] else config["pretrained"]
+    # a weights file loads into the finished architecture (CIFAR stem, input BN), whose keys and shapes it has
     norm_layer = config["norm_layer"]
     if config["gamma_init"] is not None:
         norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
     with rng_scope(seed_for(config["seed"], "init" if plain else "init-method")), warnings.catch_warnings():
         if config["precise_bn_batches"]:  # the run re-estimates BN statistics before every evaluation
             warnings.simplefilter("ignore", BNTransferWarning)
-        model = create_model(config["model"], norm_layer, pretrained=pretrained,
-                             pretrained_file=config["pretrained_file"], bn_transfer=config["bn_transfer"], **kwargs)
+        model = create_model(config["model"], norm_layer, pretrained=pretrained, bn_transfer=config["bn_transfer"],
+                             **kwargs)
     if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
         # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (docs/methods.md §9)
         with torch.no_grad():
@@ -62,7 +64,13 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         report = getattr(model, "bninit_load_report", None)
         # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
         _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
-    return apply_protocol(model, config)  # the official init and the input BN, when the recipe asks
+    model = apply_protocol(model, config)  # the official init and the input BN, when the recipe asks
+    if config["pretrained_file"]:  # what the file does not provide (a new classifier) keeps the shared init
+        with warnings.catch_warnings():
+            if config["precise_bn_batches"]:
+                warnings.simplefilter("ignore", BNTransferWarning)
+            model.bninit_load_report = load_pretrained(model, config["pretrained_file"], config["bn_transfer"])
+    return model
 
 
 def cifar_stem(model: nn.Module, seed: int) -> nn.Module:
