@@ -139,6 +139,42 @@ def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None)
     return "imagefolder", path
 
 
+def _load_official(kind: str, folder: Path | None, cache_root: Path, own_cache: bool, skip_corrupt: bool,
+                   hub_revision: str | None) -> tuple[DatasetDict, ImageDatasetInfo]:
+    """The source's official splits (a hub copy, digits, CIFAR or a local archive) and their info."""
+    from_hub = folder is None and kind in HUB_COPIES
+    if hub_revision is not None and not from_hub:
+        where = f"the local folder {str(folder)!r}" if folder is not None else f"{kind!r}, which has no hub copy"
+        raise DatasetError(
+            f"hub_revision={hub_revision!r} selects a hub copy's commit, but the data come from {where}; "
+            "drop hub_revision, or drop data_dir to read the hub copy"
+        )
+    if from_hub:
+        copy = HUB_COPIES[kind]
+        official = load_hub_dataset(kind, cache_root / "hub" if own_cache else None, revision=hub_revision)
+        names = list(official["train"].features["label"].names)
+        info = ImageDatasetInfo(kind, "hub", copy.repo, names, revision=hub_revision or copy.revision)
+    else:
+        if kind == "digits":
+            loaded = load_digits_dataset(cache_root)
+        elif kind in CIFAR_LAYOUTS:
+            loaded = load_cifar_dataset(kind, folder, cache_root)
+        else:
+            loaded = load_local_dataset(kind, folder, cache_root, skip_corrupt=skip_corrupt)
+        official = loaded.dataset
+        info = ImageDatasetInfo(
+            kind,
+            "builtin" if kind == "digits" else "local",
+            loaded.source,
+            loaded.class_names,
+            skipped=loaded.skipped,
+            cache_path=str(loaded.cache_path),
+            from_cache=loaded.from_cache,
+        )
+
+    return official, info
+
+
 def load_image_dataset(
     name_or_path: str | Path,
     data_dir: str | Path | None = None,
@@ -188,36 +224,7 @@ def load_image_dataset(
     """
     kind, folder = resolve_source(name_or_path, data_dir)
     cache_root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-
-    from_hub = folder is None and kind in HUB_COPIES
-    if hub_revision is not None and not from_hub:
-        where = f"the local folder {str(folder)!r}" if folder is not None else f"{kind!r}, which has no hub copy"
-        raise DatasetError(
-            f"hub_revision={hub_revision!r} selects a hub copy's commit, but the data come from {where}; "
-            "drop hub_revision, or drop data_dir to read the hub copy"
-        )
-    if from_hub:
-        copy = HUB_COPIES[kind]
-        official = load_hub_dataset(kind, cache_root / "hub" if cache_dir is not None else None, revision=hub_revision)
-        names = list(official["train"].features["label"].names)
-        info = ImageDatasetInfo(kind, "hub", copy.repo, names, revision=hub_revision or copy.revision)
-    else:
-        if kind == "digits":
-            loaded = load_digits_dataset(cache_root)
-        elif kind in CIFAR_LAYOUTS:
-            loaded = load_cifar_dataset(kind, folder, cache_root)
-        else:
-            loaded = load_local_dataset(kind, folder, cache_root, skip_corrupt=skip_corrupt)
-        official = loaded.dataset
-        info = ImageDatasetInfo(
-            kind,
-            "builtin" if kind == "digits" else "local",
-            loaded.source,
-            loaded.class_names,
-            skipped=loaded.skipped,
-            cache_path=str(loaded.cache_path),
-            from_cache=loaded.from_cache,
-        )
+    official, info = _load_official(kind, folder, cache_root, cache_dir is not None, skip_corrupt, hub_revision)
 
     dataset = add_validation_split(official, val_fraction=val_fraction, split_seed=split_seed)
     if "validation" not in official:
