@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import BNInitError
 from .distributed import is_main_process, shared_run_dir
-from .layout import RunError, default_run_dir
+from .layout import ERROR_FILE, RunError, default_run_dir
 from .recipe import RecipeError, apply_overrides, check_config, list_recipes, load_recipe
 from .report import pilot_plan_text, plan_from_pilot, write_report
 from .study import run_study
@@ -110,7 +110,7 @@ def _compare_parser() -> argparse.ArgumentParser:
                      help="local processes, or submitit (its local executor, or Slurm job arrays)")
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="submitit Slurm parameter, e.g. --slurm slurm_partition=gpu --slurm timeout_min=600")
-    run.add_argument("--retry-failed", action="store_true", help="re-run runs that failed (error.json)")
+    run.add_argument("--retry-failed", action="store_true", help=f"re-run runs that failed ({ERROR_FILE})")
     run.add_argument("--data-cache-dir", help="cache for built data sets")
 
     status = commands.add_parser("status", help="show which runs of the grid are finished, failed or pending")
@@ -172,7 +172,7 @@ def compare_main(argv: list[str] | None = None) -> int:
                       executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
     unfinished = len(final["failed"]) + len(final["pending"]) + len(final["interrupted"])
     print(f"{len(final['finished'])} of {len(specs)} runs finished" +
-          (f"; {unfinished} not: re-run the same command to resume interrupted ones, and see the error.json of "
+          (f"; {unfinished} not: re-run the same command to resume interrupted ones, and see the {ERROR_FILE} of "
            f"failed ones (--retry-failed re-runs them)" if unfinished else ""))
     return 1 if unfinished else 0
 

@@ -76,7 +76,7 @@ def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: st
                            log=lambda line, part_name=name: log(f"[{part_name}] {line}"))
         unfinished = len(specs) - len(status["finished"])
         if unfinished:
-            raise RunError(f"[{name}] {unfinished} runs did not finish (see their error.json); run the study "
+            raise RunError(f"[{name}] {unfinished} runs did not finish (see their {layout.ERROR_FILE}); run the study "
                                f"command again to resume them")
         timings[name] = time.time() - part_started
         report_dir = docs / name
