@@ -276,3 +276,17 @@ def test_a_weights_file_loads_into_the_cifar_stem_and_input_bn_architecture(tiny
     plain = tiny_config(tiny_data, tmp_path, model="resnet18", pretrained_file=str(weights))
     with pytest.raises(tb.PretrainedLoadError, match="no tensor of .* fits the model"):
         build_model(plain, num_classes=3)
+
+
+def test_clamping_evaluates_only_new_sets_of_small_gammas(tiny_data, tmp_path, monkeypatch):
+    from timm_bninit.experiment import train
+
+    calls = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    final = run_finetune(tiny_config(tiny_data, tmp_path, norm_layer=None, epochs=1), tmp_path / "base", quiet=True,
+                         data_cache_dir=tmp_path / "cache")
+    # plain BN ends with every |γ| near 1: nothing is clamped, so each entry is the last epoch's test accuracy
+    assert [c["fraction"] for c in final["gamma_clamp"]] == [0.0, 0.0, 0.0]
+    assert [c["test_acc"] for c in final["gamma_clamp"]] == [final["test_acc_last"]] * 3
+    assert len(calls) == 2  # the epoch's validation and test passes, no clamping pass
