@@ -30,6 +30,7 @@ Example::
 
     python benchmarks/bench_distributed.py               # the run quoted in benchmarks/README.md (~6 min)
     python benchmarks/bench_distributed.py --quick       # smoke run: test_resnet, 1 round
+    python benchmarks/bench_distributed.py --one-process --rounds 10   # (b) without a peer: compute, no communication
 """
 
 from __future__ import annotations
@@ -177,6 +178,19 @@ def bench_sync_step(args: argparse.Namespace, accelerator: Any, rank: int) -> di
     return {f"{norm} sync={sync}": values for (norm, sync), values in times.items()}
 
 
+def one_process_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """(b) in a gloo group of 1: the synced layers run their synced code, but the collectives have no peer, so what
+    is left of the synced / unsynced ratio is the synced layers' own compute, not communication."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    accelerator = make_accelerator({"mixed_precision": "no", "grad_accum_steps": 1, "batch_size": args.batch_per_rank})
+    results = {"load_before_b": load_average(), "b": bench_sync_step(args, accelerator, rank)}
+    results["load_after_b"] = load_average()
+    Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 def worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
@@ -259,8 +273,22 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
+def report_steps(args: argparse.Namespace, ab: dict[str, Any], processes: int) -> None:
+    b = ab["b"]
+    print(f"\n(b) one {'DDP ' if processes > 1 else ''}training step, {args.step_model} at {args.img_size} px, batch "
+          f"{args.batch_per_rank} per rank, {processes} process{'es' if processes > 1 else ''} x 1 thread, gloo"
+          f"{'' if processes > 1 else ' group of 1 (no peer)'}; {args.steps} steps per candidate per round, "
+          f"{args.rounds} rounds; load average before: {ab['load_before_b']}, after: {ab['load_after_b']}")
+    print(f"{'norm':8s} {'no sync ms/step':>16s} {'sync_bn ms/step':>16s} {'sync / no sync':>15s} {'(range)':>16s}")
+    for norm in args.step_norms:
+        plain, synced = b[f"{norm} sync=False"], b[f"{norm} sync=True"]
+        ratios = [s / p for s, p in zip(synced, plain)]
+        print(f"{norm:8s} {1e3 * statistics.median(plain):16.1f} {1e3 * statistics.median(synced):16.1f} "
+              f"{statistics.median(ratios):15.3f} {f'[{min(ratios):.3f}-{max(ratios):.3f}]':>16s}")
+
+
 def report(args: argparse.Namespace, ab: dict[str, Any], c: dict[str, Any] | None) -> None:
-    a, b = ab["a"], ab["b"]
+    a = ab["a"]
     print(f"\n(a) BN running-statistics all-reduce (average_bn_statistics) vs one evaluation pass; 2 processes x "
           f"1 thread, gloo; eval set {args.eval_images} images at {args.img_size} px (batch {args.eval_batch} "
           f"global); {args.rounds} rounds; load average before: {ab['load_before_a']}")
@@ -271,15 +299,7 @@ def report(args: argparse.Namespace, ab: dict[str, Any], c: dict[str, Any] | Non
         count, elements = row["buffers"]
         print(f"{name:18s} {count:8d} {elements:9d} {1e3 * statistics.median(row['reduce']):14.2f} "
               f"{1e3 * statistics.median(row['eval']):13.1f} {median_ratio(row['reduce'], row['eval']):14.4f}")
-    print(f"\n(b) one DDP training step, {args.step_model} at {args.img_size} px, batch {args.batch_per_rank} per "
-          f"rank, 2 processes x 1 thread, gloo; {args.steps} steps per candidate per round, {args.rounds} rounds; "
-          f"load average before: {ab['load_before_b']}, after: {ab['load_after_b']}")
-    print(f"{'norm':8s} {'no sync ms/step':>16s} {'sync_bn ms/step':>16s} {'sync / no sync':>15s} {'(range)':>16s}")
-    for norm in args.step_norms:
-        plain, synced = b[f"{norm} sync=False"], b[f"{norm} sync=True"]
-        ratios = [s / p for s, p in zip(synced, plain)]
-        print(f"{norm:8s} {1e3 * statistics.median(plain):16.1f} {1e3 * statistics.median(synced):16.1f} "
-              f"{statistics.median(ratios):15.3f} {f'[{min(ratios):.3f}-{max(ratios):.3f}]':>16s}")
+    report_steps(args, ab, WORLD)
     if c is None:
         return
     rows = c["images_per_s"]
@@ -311,6 +331,8 @@ def main() -> None:
     parser.add_argument("--run-epochs", type=int, default=2)
     parser.add_argument("--source-size", type=int, default=96, help="side of the generated JPEGs")
     parser.add_argument("--skip-runs", action="store_true", help="only (a) and (b)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="only (b), in a gloo group of 1 process: the synced layers' compute without communication")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: test_resnet, 32 px, 1 round")
     args = parser.parse_args()
@@ -326,6 +348,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     try:
         out = work / "ab.json"
+        if args.one_process:
+            mp.spawn(one_process_worker, args=(free_port(), args, str(out)), nprocs=1, join=True)
+            report_steps(args, json.loads(out.read_text()), 1)
+            return
         mp.spawn(worker, args=(free_port(), args, str(out)), nprocs=WORLD, join=True)
         ab = json.loads(out.read_text())
         print(f"(a), (b) done after {time.perf_counter() - started:.0f} s", flush=True)
