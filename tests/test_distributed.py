@@ -98,6 +98,14 @@ def test_a_batch_that_does_not_divide_over_the_processes_is_refused(recipe, tmp_
     assert "timm_bninit" not in log and not (tmp_path / "odd").exists()
 
 
+def test_a_data_error_on_two_processes_is_one_line_from_every_rank(recipe, tmp_path):
+    # raised while the main process builds the data-set cache, before the other rank loads it
+    process = _launch(recipe, tmp_path / "tiny", "--set", "val_fraction=0.9", "--set", "batch_size=64", processes=2)
+    assert process.wait(timeout=300) != 0
+    log = (tmp_path / "tiny4.log").read_text()
+    assert log.count("error: ") == 1 and "timm_bninit" not in log, log
+
+
 def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp_path):
     changes = ("--set", "epochs=5", "--set", "augmentation=rrc", "--set", "drop_rate=0.2")
     _run(recipe, tmp_path / "whole", *changes, processes=2)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..convert import recalibrate_bn_stats
 from ..data import load_image_dataset
+from ..errors import BNInitError
 from ..gammas import bn_gammas
 from ..optim import param_group_fn
 from ..sync import convert_sync_batchnorm
@@ -163,8 +164,16 @@ def _load_data(config: dict[str, Any], data_cache_dir: str | os.PathLike | None)
 
 def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
     """Data, model, optimizer and scheduler of a run, prepared once by accelerate."""
-    with accelerator.main_process_first():  # the data-set cache is built once; the other ranks then load it
-        data, data_info = _load_data(config, data_cache_dir)
+    # the data-set cache is built once; the other ranks then load it. A data error is raised after the ranks met, so
+    # every rank fails alike in one line instead of the others crashing at a barrier the first never reached
+    failure, data, data_info = None, None, None
+    with accelerator.main_process_first():
+        try:
+            data, data_info = _load_data(config, data_cache_dir)
+        except BNInitError as error:
+            failure = error
+    if failure is not None:
+        raise failure
     model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
     if config["sync_bn"] and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # every variant keeps its class; batch statistics over all ranks
