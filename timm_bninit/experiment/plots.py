@@ -55,7 +55,10 @@ def _figure(width: float, height: float, **subplots: Any) -> tuple[Figure, Any]:
 def _legend_below(fig: Figure, handles: list[Any], labels: list[str]) -> None:
     """One legend for the whole figure, below the axes (constrained layout makes room, so it covers nothing)."""
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
+        # long method names take fewer columns, so the legend stays as wide as the figure
+        width = max(len(label) for label in labels)
+        columns = max(1, min(len(labels), 4, int(fig.get_figwidth() * 14 // max(width + 4, 1))))
+        fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=8, frameon=False)
 
 
 def _band_alpha(methods: list[str]) -> float:
@@ -64,7 +67,7 @@ def _band_alpha(methods: list[str]) -> float:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # nothing outside the canvas is cut off
     plt.close(fig)
     return path
 
@@ -95,8 +98,9 @@ def plot_paired_differences(table: SweepTable, colours: Colours) -> Figure:
     ``text/<method>``.
     """
     methods = [m for m in table.methods if m != table.baseline]
-    fig, axes = _figure(4.2 * len(table.lrs) + 2.0, 1.4 + 0.75 * max(len(methods), 1), ncols=len(table.lrs),
-                        sharey=True)
+    label_inches = 0.075 * max((len(m) for m in methods), default=0)  # the row labels' width, so long method
+    fig, axes = _figure(4.2 * len(table.lrs) + 2.0 + label_inches, 1.4 + 0.75 * max(len(methods), 1),  # names
+                        ncols=len(table.lrs), sharey=True)                                               # leave room
     rng = np.random.default_rng(0)  # the same jitter every time the report is written
     beside = []
     for ax, lr in zip(axes[0], table.lrs):
