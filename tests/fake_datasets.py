@@ -299,3 +299,19 @@ def tiny_config(data_root: Path, cache: Path, **changes) -> dict:
                   epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
     config.update(changes)
     return config
+
+
+def kill_after_checkpoint(process, run_dir: Path, epoch: int = 2, timeout: float = 300) -> None:
+    """SIGKILL ``process`` once ``run_dir``'s checkpoint holds ``epoch`` finished epochs (a kill mid-run)."""
+    import json
+    import signal
+    import time
+
+    state = run_dir / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["state"]["epoch"] >= epoch:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)

@@ -39,21 +39,7 @@ from timm_bninit.data import (
 )
 from timm_bninit.data import local as data_local
 
-
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    """No test may reach a hub: the machine has no access, and a test that tried would hang on a timeout.
-
-    ``datasets`` reads HF_HUB_OFFLINE once, at import, so its parsed flag is set as well as the variables.
-    """
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    yield
-    if bars:
-        datasets.enable_progress_bars()
+pytestmark = pytest.mark.usefixtures("offline_hub")  # conftest.py: no test may reach a hub
 
 
 @pytest.fixture

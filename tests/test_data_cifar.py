@@ -21,18 +21,7 @@ from torchvision import transforms as T
 from timm_bninit.data import DatasetError, load_image_dataset, resolve_source, with_transforms
 from timm_bninit.data import cifar as data_cifar
 
-
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    """No test may reach a hub (see tests/test_data.py): offline variables and datasets' parsed flag."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    yield
-    if bars:
-        datasets.enable_progress_bars()
+pytestmark = pytest.mark.usefixtures("offline_hub")  # conftest.py: no test may reach a hub
 
 
 @pytest.fixture

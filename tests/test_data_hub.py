@@ -24,17 +24,7 @@ from timm_bninit.data.hub import HUB_COPIES, load_hub_dataset
 CORRUPTED = [split for split in HUB_CARS_SHARDS if split not in ("train", "test")]
 
 
-@pytest.fixture(autouse=True)
-def offline_hub(monkeypatch):
-    """No test may reach a hub (see tests/test_data.py): a test that tried would hang on retries."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    yield
-    if bars:
-        datasets.enable_progress_bars()
+pytestmark = pytest.mark.usefixtures("offline_hub")  # conftest.py: no test may reach a hub
 
 
 def stand_in(kind: str, folder: Path, **kwargs) -> tuple:

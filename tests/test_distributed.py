@@ -3,7 +3,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fake_datasets import make_imagefolder
+from fake_datasets import kill_after_checkpoint, make_imagefolder
 from safetensors.torch import load_file
 
 from timm_bninit.experiment.layout import read_metrics
@@ -110,14 +109,7 @@ def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp
     changes = ("--set", "epochs=5", "--set", "augmentation=rrc", "--set", "drop_rate=0.2")
     _run(recipe, tmp_path / "whole", *changes, processes=2)
     killed = _launch(recipe, tmp_path / "killed", *changes, processes=2)
-    state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text())["state"]["epoch"] >= 2:
-            break
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
+    kill_after_checkpoint(killed, tmp_path / "killed", epoch=2, timeout=300)
     subprocess.run(["pkill", "-9", "-f", str(tmp_path / "killed")], check=False)  # the launcher's workers too
     time.sleep(1)
     assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
-from fake_datasets import make_imagefolder, tiny_config
+from fake_datasets import kill_after_checkpoint, make_imagefolder, tiny_config
 from timm.data import create_transform
 
 import timm_bninit as tb
@@ -157,14 +155,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     assert whole.wait(timeout=300) == 0, _log(tmp_path / "whole")
 
     killed = _launch(recipe, tmp_path / "killed", cache)
-    state = tmp_path / "killed" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text())["state"]["epoch"] >= 2:
-            break
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
+    kill_after_checkpoint(killed, tmp_path / "killed", epoch=2, timeout=240)
     assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
 
     resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
