@@ -283,33 +283,25 @@ def test_clamping_evaluates_only_new_sets_of_small_gammas(tiny_data, tmp_path, m
     assert len(calls) == 2  # the epoch's validation and test passes, no clamping pass
 
 
-def test_workers_start_before_training_and_change_no_sample(tiny_data, tmp_path):
+def test_evaluation_workers_start_before_training(tiny_data, tmp_path):
     from timm_bninit.experiment.distributed import make_accelerator
-    from timm_bninit.experiment.loaders import EpochIndex
-    from timm_bninit.experiment.seeding import seed_for
     from timm_bninit.experiment.train import build_run
 
-    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", augmentation="rrc", num_workers=2, seed=3)
-    run = build_run(config, make_accelerator(config), tmp_path / "cache")
-    bases = [run.train_loader.base_dataloader, *(loader.base_dataloader for loader in run.eval_loaders.values())]
-    assert len(bases) == 3  # train, validation, test
-    for base in bases:  # forked in build_run, before any step
-        assert base._iterator is not None and len(base._iterator._workers) == 2
-        assert all(worker.is_alive() for worker in base._iterator._workers)
-
-    # the workers prefetched epoch 0 when they started; a run resumed at epoch 3 must still get epoch 3's batches
-    run.loaders.train_sampler.set_epoch(3)
-    run.train_loader.set_epoch(3)
-    images, labels = next(iter(run.train_loader))
-    size, batch = len(run.loaders.train_dataset), config["batch_size"]
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed_for(3, "data-order", 3))).tolist()
-    expected = [run.loaders.train_dataset[EpochIndex(i, 3)] for i in order[:batch]]
-    assert torch.equal(images, torch.stack([image for image, _ in expected]))
-    assert labels.tolist() == [label for _, label in expected]
+    for calibrate in (2, 0):
+        config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", num_workers=2, precise_bn_batches=calibrate)
+        run = build_run(config, make_accelerator(config), tmp_path / "cache")
+        early = [run.eval_loaders["validation"].base_dataloader, run.eval_loaders["test"].base_dataloader]
+        (early if calibrate else []).append(run.loaders.calibration)
+        for base in early:  # forked in build_run, before any step
+            assert base._iterator is not None and len(base._iterator._workers) == 2
+            assert all(worker.is_alive() for worker in base._iterator._workers)
+        assert run.train_loader.base_dataloader._iterator is None  # forks at its first batch, as before
+        if not calibrate:
+            assert run.loaders.calibration._iterator is None  # never iterated without precise BN: never started
 
 
 def test_a_run_with_workers_equals_the_run_without(tiny_data, tmp_path):
-    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", augmentation="rrc", epochs=3)
+    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", augmentation="rrc", epochs=3)  # precise BN on
     results = {workers: run_finetune({**config, "num_workers": workers}, tmp_path / f"w{workers}", quiet=True,
                                      data_cache_dir=tmp_path / "cache") for workers in (0, 2)}
     for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):

@@ -163,13 +163,14 @@ def _load_data(config: dict[str, Any], data_cache_dir: str | os.PathLike | None)
 
 
 def start_workers(*loaders: Any) -> None:
-    """Fork the persistent DataLoader workers of ``loaders`` now, before the first training step.
+    """Fork the persistent DataLoader workers of the evaluation and calibration ``loaders`` now, before any step.
 
-    A worker forked later (an evaluation loader's, at the end of epoch 1) copies a process that already holds the
-    gradients, the optimizer's buffers and the activations' heap; every page the training step then writes is copied
-    once more for the parent. Forked here, the workers hold about 40 % less memory each and the first steps take no
-    copy-on-write faults (benchmarks/README.md). Only the processes start early: each epoch and each evaluation still
-    re-reads its sampler (the batches the workers prefetch now are dropped), so no sample or order changes.
+    Such a loader is first iterated at the end of epoch 1. Its workers, forked then, copied a process that already
+    held the gradients, the optimizer's buffers and the activations' heap: 222 MiB PSS each instead of ~127 MiB,
+    and every page the next step wrote was copied once more for the parent (benchmarks/README.md). The training
+    loader is not started here: its workers fork at epoch 1's first batch, before any gradient exists, and starting
+    it now would compute batches its first epoch then discards. Only processes start early: each evaluation re-reads
+    its (fixed-order) sampler, so the few batches the workers prefetch now are dropped and no number changes.
     """
     for loader in loaders:
         base = getattr(loader, "base_dataloader", loader)  # accelerate's DataLoaderShard iterates the loader it wraps
@@ -203,7 +204,7 @@ def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in
                     (("validation", loaders.validation), ("test", loaders.test)) if loader is not None}
-    start_workers(train_loader, *eval_loaders.values())
+    start_workers(*eval_loaders.values(), *([loaders.calibration] if config["precise_bn_batches"] else []))
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config["ema_decay"]) if config["ema"] else None
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
