@@ -97,6 +97,7 @@ class Job:
         args = [str(train_py), "--data-dir", str(data_dir), "--train-split", "train", "--val-split", "validation",
                 "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--img-size", str(self.img_size),
                 "-b", "32", "--epochs", str(self.epochs), "--lr", str(self.lr), "--sched", "cosine",
+                "--sched-on-updates",  # the project's recipes step the cosine every update (step_on_epochs: false)
                 "--warmup-epochs", "0", "--workers", "2", "--opt", "momentum", "--momentum", "0.9",
                 "--weight-decay", "1e-4", "--smoothing", "0", "--train-interpolation", "bicubic",
                 "--no-prefetcher", "--device", "cpu", "--output", str(run_dir.parent), "--experiment", run_dir.name]
