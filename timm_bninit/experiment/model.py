@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import timm
@@ -43,16 +45,13 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         with rng_scope(seed_for(config["seed"], "init")):
             reference = timm.create_model(config["model"], **kwargs)
     pretrained = False if config["pretrained_file"] else config["pretrained"]
-    # a weights file loads into the finished architecture (CIFAR stem, input BN), whose keys and shapes it has
     norm_layer = config["norm_layer"]
     if config["gamma_init"] is not None:
         norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
-    with rng_scope(seed_for(config["seed"], "init" if plain else "init-method")), warnings.catch_warnings():
-        if config["precise_bn_batches"]:  # the run re-estimates BN statistics before every evaluation
-            warnings.simplefilter("ignore", BNTransferWarning)
+    with rng_scope(seed_for(config["seed"], "init" if plain else "init-method")), _transfer_warnings(config):
         model = create_model(config["model"], norm_layer, pretrained=pretrained, bn_transfer=config["bn_transfer"],
                              **kwargs)
-    if config["norm_layer"] is None and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
+    if plain and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
         # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (docs/methods.md §9)
         with torch.no_grad():
             for _, _, gamma in bn_gammas(model):
@@ -65,12 +64,22 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
         # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
         _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
     model = apply_protocol(model, config)  # the official init and the input BN, when the recipe asks
-    if config["pretrained_file"]:  # what the file does not provide (a new classifier) keeps the shared init
-        with warnings.catch_warnings():
-            if config["precise_bn_batches"]:
-                warnings.simplefilter("ignore", BNTransferWarning)
+    # a weights file loads into the finished architecture (CIFAR stem, input BN), whose keys and shapes it has; what
+    # it does not provide (a new classifier) keeps the shared init
+    if config["pretrained_file"]:
+        with _transfer_warnings(config):
             model.bninit_load_report = load_pretrained(model, config["pretrained_file"], config["bn_transfer"])
     return model
+
+
+@contextlib.contextmanager
+def _transfer_warnings(config: dict[str, Any]) -> Iterator[None]:
+    """Silence the stale-statistics warning of a γ-changing ``bn_transfer`` when the run re-estimates BN statistics
+    before every evaluation anyway."""
+    with warnings.catch_warnings():
+        if config["precise_bn_batches"]:
+            warnings.simplefilter("ignore", BNTransferWarning)
+        yield
 
 
 def cifar_stem(model: nn.Module, seed: int) -> nn.Module:
