@@ -168,13 +168,14 @@ def start_workers(*loaders: Any) -> None:
     Such a loader is first iterated at the end of epoch 1. Its workers, forked then, copied a process that already
     held the gradients, the optimizer's buffers and the activations' heap: 222 MiB PSS each instead of ~127 MiB,
     and every page the next step wrote was copied once more for the parent (benchmarks/README.md). The training
-    loader is not started here: its workers fork at epoch 1's first batch, before any gradient exists, and starting
-    it now would compute batches its first epoch then discards. Only processes start early: each evaluation re-reads
-    its (fixed-order) sampler, so the few batches the workers prefetch now are dropped and no number changes.
+    loader is not started here: its workers fork at the first batch, before any gradient exists in a fresh run,
+    and starting it now would compute batches its first epoch then discards. Only processes start early: each
+    evaluation re-reads its (fixed-order) sampler, so the few batches the workers prefetch now are dropped and no
+    number changes.
     """
     for loader in loaders:
         base = getattr(loader, "base_dataloader", loader)  # accelerate's DataLoaderShard iterates the loader it wraps
-        if base.num_workers > 0 and base.persistent_workers:
+        if base.persistent_workers:  # (a DataLoader refuses persistent workers without workers)
             iter(base)
 
 
