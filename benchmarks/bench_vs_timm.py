@@ -4,12 +4,16 @@ Both are run as whole processes (interpreter start, imports, data, model, traini
 side by side in paired rounds: each round runs both once, in alternating order, so a slow drift of the shared machine
 hits both alike, and the ratio is taken pair by pair (project / timm), then its median over the rounds.
 
-Measured per process: wall time (spawn to exit); peak memory of the process tree (the sum of the proportional set
-sizes of the script and its DataLoader workers, sampled every ``--poll`` seconds: a page shared after ``fork`` is
-split among its sharers instead of counted once per process, as a sum of resident sets would); the main process's
-own peak RSS (``wait4``); the CPU seconds of the tree; and how
-many cores other processes kept busy meanwhile (``/proc/stat`` minus the tree's and this script's CPU time), so a
-round disturbed by someone else's job can be recognised (it is marked, kept out of the medians and replaced).
+Time and memory are measured in separate rounds, because measuring memory disturbs the time. Per process, a
+timing round measures the wall time (spawn to exit), the CPU seconds of the tree, the main process's peak RSS
+(``wait4``) and how many cores other processes kept busy meanwhile (``/proc/stat`` minus the tree's and this
+script's CPU time), so a round disturbed by someone else's job can be recognised (it is marked, kept out of the
+medians and replaced); nothing polls the process. A memory round (``--memory-rounds``) runs the same pair again
+and samples the peak memory of each process tree every ``--poll`` seconds: the sum of the proportional set sizes of
+the script and its DataLoader workers (a page shared after ``fork`` is split among its sharers instead of counted
+once per process, as a sum of resident sets would). One such sample reads ``/proc/<pid>/smaps_rollup`` of five
+processes of ~1 GiB and costs ≈ 0.1 s of CPU here: at 4 samples a second that is ≈ 0.4 of this machine's 2 cores,
+which slowed the sampled script by ≈ 8 % (benchmarks/README.md), so memory rounds are never timed.
 
 timm's ``train.py`` is not in timm's PyPI packages. Get it from timm's source repository at a commit whose API
 matches the installed timm, and pass its path::
@@ -180,8 +184,9 @@ def _busy_jiffies() -> int:
     return sum(values) - values[3] - values[4]  # everything but idle and iowait
 
 
-def measure(args: list[str], log_path: Path, poll: float) -> Measurement:
-    """Run ``python *args`` to completion; wall time, peak tree RSS, CPU and the load of other processes."""
+def measure(args: list[str], log_path: Path, poll: float | None) -> Measurement:
+    """Run ``python *args`` to completion: wall time, CPU, the load of other processes, and with ``poll`` (seconds
+    between samples) the peak PSS of the tree; without it nothing polls the process (peak tree memory is then 0)."""
     ticks = os.sysconf("SC_CLK_TCK")
     own_before = sum(os.times()[:2])
     busy_before = _busy_jiffies()
@@ -205,9 +210,12 @@ def measure(args: list[str], log_path: Path, poll: float) -> Measurement:
                        log_path.read_text())
 
 
-def _wait(process: subprocess.Popen, handle: psutil.Process, poll: float) -> tuple[int, Any, int]:
-    """Poll until the process exits: its wait status, its rusage and the peak PSS of its tree."""
+def _wait(process: subprocess.Popen, handle: psutil.Process, poll: float | None) -> tuple[int, Any, int]:
+    """Wait until the process exits: its wait status, its rusage and (when polling) the peak PSS of its tree."""
     peak = 0
+    if poll is None:
+        _, status, usage = os.wait4(process.pid, 0)
+        return status, usage, peak
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
@@ -221,7 +229,7 @@ def _wait(process: subprocess.Popen, handle: psutil.Process, poll: float) -> tup
 
 
 def run_job(job: Job, train_py: Path, work: Path, weights: Path | None, rounds: int, max_rounds: int,
-            max_other: float, poll: float) -> None:
+            max_other: float, poll: float, memory_rounds: int) -> None:
     print(f"\n== job {job.name}: resnet18, batch 32, {job.source_size} px JPEGs -> {job.img_size} px, "
           f"{job.epochs} epochs, lr {job.lr}, {'weights from a local file' if job.pretrained else 'from scratch'}")
     started = time.perf_counter()
@@ -239,14 +247,12 @@ def run_job(job: Job, train_py: Path, work: Path, weights: Path | None, rounds: 
     print(f"   project's data-set cache built in {time.perf_counter() - started:.1f} s (once per data set; "
           "every timed run loads it)")
 
-    pairs: list[tuple[Measurement, Measurement]] = []
-    every: list[tuple[Measurement, Measurement]] = []
-    attempt = 0
-    while len(pairs) < rounds and attempt < max_rounds:
+    def pair(attempt: int, poll: float | None) -> tuple[list[str], Measurement, Measurement]:
+        """Both scripts once, in an order that alternates with ``attempt``."""
         order = ["project", "timm"] if attempt % 2 == 0 else ["timm", "project"]
         results: dict[str, Measurement] = {}
         for side in order:
-            run_dir = work / "runs" / f"{job.name}-{side}-{attempt}"
+            run_dir = work / "runs" / f"{job.name}-{side}-{'memory' if poll else 'time'}-{attempt}"
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             if side == "project":
                 command = job.project_args(project_root, run_dir, cache, weights)
@@ -258,41 +264,62 @@ def run_job(job: Job, train_py: Path, work: Path, weights: Path | None, rounds: 
                                  f"command: python {' '.join(command)}")
             results[side] = result
             shutil.rmtree(run_dir, ignore_errors=True)
+        return order, results["project"], results["timm"]
+
+    pairs: list[tuple[Measurement, Measurement]] = []
+    every: list[tuple[Measurement, Measurement]] = []
+    attempt = 0
+    while len(pairs) < rounds and attempt < max_rounds:
+        order, mine, theirs = pair(attempt, None)
         attempt += 1
-        mine, theirs = results["project"], results["timm"]
         clean = max(mine.other_cores, theirs.other_cores) <= max_other
-        print(f"   round {attempt} ({' then '.join(order)}): project {describe(mine)} | timm {describe(theirs)} | "
-              f"time {mine.wall / theirs.wall:.3f}, memory {mine.peak_tree_mib / theirs.peak_tree_mib:.3f}"
-              + ("" if clean else f"  [busy: other processes above {max_other} cores]"), flush=True)
+        print(f"   time round {attempt} ({' then '.join(order)}): project {describe(mine)} | timm {describe(theirs)} | "
+              f"time {mine.wall / theirs.wall:.3f}" + ("" if clean else f"  [busy: other processes above {max_other} "
+                                                                        "cores]"), flush=True)
         every.append((mine, theirs))
         if clean:
             pairs.append((mine, theirs))
     if pairs:
-        summarise(f"{len(pairs)} clean rounds of {attempt}", pairs)
+        summarise_time(f"{len(pairs)} clean time rounds of {attempt}", pairs)
     else:
         print(f"   no clean round in {attempt}: other processes kept more than {max_other} cores busy throughout")
     if len(pairs) < len(every):
-        summarise(f"all {attempt} rounds, busy ones included", every)
+        summarise_time(f"all {attempt} time rounds, busy ones included", every)
+    sampled = []
+    for attempt in range(memory_rounds):
+        order, mine, theirs = pair(attempt, poll)
+        print(f"   memory round {attempt + 1} ({' then '.join(order)}): project {mine.peak_tree_mib:5.0f} MiB | timm "
+              f"{theirs.peak_tree_mib:5.0f} MiB | memory {mine.peak_tree_mib / theirs.peak_tree_mib:.3f}", flush=True)
+        sampled.append((mine, theirs))
+    if sampled:
+        summarise_memory(f"{len(sampled)} memory rounds (sampled every {poll} s, not timed)", sampled)
 
 
 def describe(result: Measurement) -> str:
-    return (f"{result.wall:6.1f} s {result.peak_tree_mib:5.0f} MiB (main RSS {result.peak_main_mib:5.0f}, cpu "
-            f"{result.cpu_seconds:5.1f} s, others {result.other_cores:.2f} cores)")
+    return (f"{result.wall:6.1f} s (main RSS {result.peak_main_mib:5.0f} MiB, cpu {result.cpu_seconds:5.1f} s, "
+            f"others {result.other_cores:.2f} cores)")
 
 
-def summarise(label: str, pairs: list[tuple[Measurement, Measurement]]) -> None:
-    """Medians over the rounds: of each side's figures, and of the pair-by-pair ratios (the targets)."""
-    time_ratios = [m.wall / t.wall for m, t in pairs]
-    memory_ratios = [m.peak_tree_mib / t.peak_tree_mib for m, t in pairs]
-    median_time, median_memory = statistics.median(time_ratios), statistics.median(memory_ratios)
+def summarise_time(label: str, pairs: list[tuple[Measurement, Measurement]]) -> None:
+    """Medians over the rounds: of each side's wall and CPU time, and of the pair-by-pair ratio (the target)."""
+    ratios = [m.wall / t.wall for m, t in pairs]
+    cpu_ratios = [m.cpu_seconds / t.cpu_seconds for m, t in pairs]
+    median = statistics.median(ratios)
     print(f"   {label}: median wall project {statistics.median(m.wall for m, _ in pairs):.1f} s, timm "
-          f"{statistics.median(t.wall for _, t in pairs):.1f} s; median peak tree memory project "
-          f"{statistics.median(m.peak_tree_mib for m, _ in pairs):.0f} MiB, timm "
-          f"{statistics.median(t.peak_tree_mib for _, t in pairs):.0f} MiB")
-    print(f"     time ratio project/timm: median {median_time:.3f} (pairs {', '.join(f'{r:.3f}' for r in time_ratios)})"
-          f"; target ≤ {TARGET_TIME}: {'met' if median_time <= TARGET_TIME else 'NOT met'}")
-    print(f"     memory ratio project/timm: median {median_memory:.3f} (pairs "
-          f"{', '.join(f'{r:.3f}' for r in memory_ratios)}); target ≤ 1: {'met' if median_memory <= 1 else 'NOT met'}")
+          f"{statistics.median(t.wall for _, t in pairs):.1f} s; CPU seconds ratio median "
+          f"{statistics.median(cpu_ratios):.3f}")
+    print(f"     time ratio project/timm: median {median:.3f} (pairs {', '.join(f'{r:.3f}' for r in ratios)})"
+          f"; target ≤ {TARGET_TIME}: {'met' if median <= TARGET_TIME else 'NOT met'}")
+
+
+def summarise_memory(label: str, pairs: list[tuple[Measurement, Measurement]]) -> None:
+    """Medians over the memory rounds: each side's peak tree PSS and the pair-by-pair ratio (the target)."""
+    ratios = [m.peak_tree_mib / t.peak_tree_mib for m, t in pairs]
+    median = statistics.median(ratios)
+    print(f"   {label}: median peak tree memory project {statistics.median(m.peak_tree_mib for m, _ in pairs):.0f} "
+          f"MiB, timm {statistics.median(t.peak_tree_mib for _, t in pairs):.0f} MiB")
+    print(f"     memory ratio project/timm: median {median:.3f} (pairs {', '.join(f'{r:.3f}' for r in ratios)}); "
+          f"target ≤ 1: {'met' if median <= 1 else 'NOT met'}")
 
 
 def main() -> None:
@@ -301,10 +328,12 @@ def main() -> None:
     parser.add_argument("--timm-train", type=Path, required=True,
                         help="path of timm's train.py (from timm's source repository, at the installed version's tag)")
     parser.add_argument("--jobs", nargs="+", choices=sorted(JOBS), default=["scratch", "finetune"])
-    parser.add_argument("--rounds", type=int, default=3, help="clean paired rounds per job (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="clean paired time rounds per job (default 3)")
     parser.add_argument("--max-rounds", type=int, default=None, help="give up after this many (default 2 × rounds)")
     parser.add_argument("--max-other-load", type=float, default=0.3,
                         help="a round in which other processes kept more cores busy is left out (default 0.3)")
+    parser.add_argument("--memory-rounds", type=int, default=2,
+                        help="paired rounds that sample memory, after the timed ones (default 2; never timed)")
     parser.add_argument("--poll", type=float, default=0.25, help="memory sampling interval in seconds (default 0.25)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
     args = parser.parse_args()
@@ -325,7 +354,7 @@ def main() -> None:
         weights = save_weights(work / "resnet18_1000.safetensors") if wanted else None
         for name in args.jobs:
             run_job(JOBS[name], args.timm_train.resolve(), work, weights, args.rounds,
-                    args.max_rounds or 2 * args.rounds, args.max_other_load, args.poll)
+                    args.max_rounds or 2 * args.rounds, args.max_other_load, args.poll, args.memory_rounds)
     finally:
         if args.keep:
             print(f"kept {work}")
