@@ -118,3 +118,34 @@ def test_gamma_update_is_one_hundredth_of_a_conv_update_with_plain_sgd():
     before = bn.weight.detach().clone()
     optimizer.step()
     torch.testing.assert_close(before - bn.weight.detach(), 0.005 * grad)
+
+
+def test_torch_optimizers_get_their_fused_kernel_and_it_takes_the_momentum_sgd_step():
+    from timm_bninit.experiment.recipe import load_recipe
+    from timm_bninit.experiment.train import build_optimizer
+
+    config = load_recipe("demo")
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), tb.BatchNormGamma2d(3))
+    fused = {name: build_optimizer({**config, "optimizer": name}, model).defaults.get("fused")
+             for name in ("sgd", "momentum", "adamw", "lamb")}
+    assert fused == {"sgd": True, "momentum": True, "adamw": True, "lamb": None}  # timm's own Lamb has no kernel
+
+    torch.manual_seed(0)
+    lr, wd, mu = 0.1, 1e-2, 0.9
+    optimizer = build_optimizer({**config, "optimizer": "momentum", "lr": lr, "weight_decay": wd, "momentum": mu,
+                                 "gamma_lr_div": None}, model)
+    conv = model[0].weight
+    x = torch.randn(4, 2, 5, 5)
+    p0 = conv.detach().clone()
+    model(x).pow(2).sum().backward()
+    g0 = conv.grad.clone()
+    optimizer.step()
+    # first step: the momentum buffer is the decayed gradient itself
+    torch.testing.assert_close(conv.detach(), p0 - lr * (g0 + wd * p0), rtol=1e-6, atol=1e-7)
+    optimizer.zero_grad()
+    p1 = conv.detach().clone()
+    model(x).pow(2).sum().backward()
+    g1 = conv.grad.clone()
+    optimizer.step()
+    buffer = mu * (g0 + wd * p0) + (g1 + wd * p1)  # plain (not Nesterov) momentum, no dampening
+    torch.testing.assert_close(conv.detach(), p1 - lr * buffer, rtol=1e-6, atol=1e-7)
