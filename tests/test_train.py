@@ -308,3 +308,29 @@ def test_a_run_with_workers_equals_the_run_without(tiny_data, tmp_path):
         assert results[0][key] == results[2][key], key
     losses = {workers: [m["train_loss"] for m in read_metrics(tmp_path / f"w{workers}")] for workers in (0, 2)}
     assert len(losses[0]) == 3 and losses[0] == losses[2]
+
+
+def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_rounding(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from timm_bninit.experiment.distributed import make_accelerator
+    from timm_bninit.experiment.train import build_run
+
+    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", epochs=1, precise_bn_batches=0)
+    steps = {}
+    for channels_last in (True, False):
+        run = build_run({**config, "channels_last": channels_last}, make_accelerator(config), tmp_path / "cache")
+        weight = run.unwrapped.layer1[0].conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+        assert weight.is_contiguous() is not channels_last
+        images, labels = next(iter(run.train_loader))  # the same first batch (same seed) in both layouts
+        loss = run.criterion(run.model(images), labels)
+        loss.backward()
+        steps[channels_last] = loss.item(), [p.grad.clone() for p in run.unwrapped.parameters()]
+    assert steps[True][0] == pytest.approx(steps[False][0], rel=1e-6)
+    for nhwc, nchw in zip(steps[True][1], steps[False][1]):  # the same step, summed in another order
+        assert (nhwc - nchw).norm() <= 1e-4 * nchw.norm() + 1e-7
+    run_finetune(config, tmp_path / "run", quiet=True, data_cache_dir=tmp_path / "cache")
+    saved = load_file(str(tmp_path / "run" / "best_model.safetensors"))
+    assert all(tensor.is_contiguous() for tensor in saved.values())  # a plain state dict, as timm writes it
+    timm.create_model("test_resnet", norm_layer="rbn", num_classes=3).load_state_dict(saved)

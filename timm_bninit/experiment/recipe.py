@@ -73,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": False,                 # evaluate an exponential moving average of the weights
     "ema_decay": 0.9998,
     "mixed_precision": "no",      # no | fp16 | bf16
+    "channels_last": True,        # NHWC weights, so activations follow: faster convolutions, BN and pooling on CPUs
+                                  # (oneDNN) and GPUs; numbers differ from NCHW by float rounding only
     # images
     "img_size": 224,
     "augmentation": "rrc",        # rrc: timm's random-resized-crop + flip | flip: flip only | none | resize<S>_crop
@@ -150,7 +152,8 @@ SCHEMA: dict[str, tuple[str, tuple]] = {
     "epochs": ("int", _AT_LEAST_1), "batch_size": ("int", _AT_LEAST_1), "grad_accum_steps": ("int", _AT_LEAST_1),
     "label_smoothing": ("float", _FRACTION), "ema": ("bool", _ANY),
     "ema_decay": ("float", (lambda v: 0 < v < 1, "in (0, 1)")),
-    "mixed_precision": ("str", _one_of("no", "fp16", "bf16")), "img_size": ("int", (lambda v: v >= 8, "≥ 8")),
+    "mixed_precision": ("str", _one_of("no", "fp16", "bf16")), "channels_last": ("bool", _ANY),
+    "img_size": ("int", (lambda v: v >= 8, "≥ 8")),
     "augmentation": ("str", (lambda v: v in ("rrc", "flip", "none") or (resize_crop_size(v) or 0) >= 8,
                              "rrc, flip, none, or resize<S>_crop with S ≥ 8 such as resize600_crop")),
     "precise_bn_batches": ("int", _NONNEG),

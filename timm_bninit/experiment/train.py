@@ -202,6 +202,8 @@ def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os
     model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
     if config["sync_bn"] and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # every variant keeps its class; batch statistics over all ranks
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)  # NHWC weights: every activation after the stem follows
     initial_scale = effective_initial_scale(model)
     if config["bn_only"]:
         freeze_all_but_norm(model, train_classifier=config["train_classifier"])
