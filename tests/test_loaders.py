@@ -1,6 +1,7 @@
 """Seeded data loading: the epoch travels with each index, so augmentation is a pure function of (seed, epoch, index)
 whether the workers are fresh, persistent or absent."""
 
+import os
 import pickle
 
 import pytest
@@ -9,7 +10,13 @@ from fake_datasets import make_imagefolder
 from timm.data import create_transform
 
 from timm_bninit.data import load_image_dataset
-from timm_bninit.experiment.loaders import EpochIndex, EpochShuffleSampler, SeededImageDataset, build_loaders
+from timm_bninit.experiment.loaders import (
+    EpochIndex,
+    EpochShuffleSampler,
+    SeededImageDataset,
+    build_loaders,
+    yield_cpu_to_training,
+)
 from timm_bninit.experiment.recipe import load_recipe
 from timm_bninit.experiment.seeding import rng_scope, seed_for
 
@@ -99,3 +106,26 @@ def test_persistent_workers_augment_each_epoch_by_its_own_stream(data):
         assert len(with_workers[epoch]) == len(in_process[epoch]) == 3
         assert all(torch.equal(a, b) for a, b in zip(with_workers[epoch], expected)), f"workers, epoch {epoch}"
         assert all(torch.equal(a, b) for a, b in zip(in_process[epoch], expected)), f"in process, epoch {epoch}"
+
+
+class _Priority(torch.utils.data.Dataset):
+    """Each item: the scheduling policy of the process that served it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_workers_of_a_cpu_run_yield_to_the_training_process(data):
+    config = load_recipe("demo")
+    config.update(seed=SEED, batch_size=4, num_workers=2, classes=None, preload=False)
+    loaders = build_loaders(config, data, augment(), augment())
+    for loader in (loaders.train, loaders.test, loaders.calibration):
+        assert loader.worker_init_fn is yield_cpu_to_training
+    served = torch.utils.data.DataLoader(_Priority(), batch_size=1, num_workers=2,
+                                         worker_init_fn=loaders.train.worker_init_fn)
+    assert [int(item) for item in served] == [os.SCHED_IDLE] * 2
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process itself keeps its priority
