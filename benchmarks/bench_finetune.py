@@ -227,16 +227,13 @@ def run_pipeline(config: dict[str, Any], run_dir: Path, cache: Path) -> dict[str
 def run_bare_loop(config: dict[str, Any], num_classes: int, images: torch.Tensor, labels: torch.Tensor,
                   steps: int) -> dict[str, Any]:
     """The ceiling: the pipeline's model and optimizer, stepping over tensors already in memory."""
-    from timm.optim import create_optimizer_v2
-
-    from timm_bninit.optim import param_group_fn
+    from timm_bninit.experiment.train import build_optimizer
 
     with step_clock() as stamps:
         model = finetune.build_model(config, num_classes)
-    optimizer = create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
-                                    momentum=config["momentum"],
-                                    param_group_fn=param_group_fn(config["weight_decay"],
-                                                                  gamma_lr_div=config["gamma_lr_div"]))
+    if config["channels_last"]:  # as build_run lays the model out
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)  # the run's (fused where torch has a kernel)
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     sampler = EpochShuffleSampler(len(images), config["seed"])
     batch = config["batch_size"]
