@@ -49,7 +49,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -82,6 +84,7 @@ class Job:
     pretrained: bool
     train_per_class: int
     eval_per_class: int
+    timm_extra: tuple[str, ...] = ()  # more arguments for timm's train.py (--timm-extra)
 
     def project_args(self, data_dir: Path, run_dir: Path, cache_dir: Path, weights: Path | None) -> list[str]:
         sets = {"dataset": "imagefolder", "data_dir": data_dir, "model": "resnet18", "norm_layer": "null",
@@ -109,7 +112,7 @@ class Job:
             args += ["--crop-pct", "1.0"]  # the project evaluates small images uncropped
         if self.pretrained:
             args += ["--pretrained", "--pretrained-path", str(weights)]
-        return args
+        return args + list(self.timm_extra)
 
 
 JOBS = {
@@ -335,6 +338,8 @@ def main() -> None:
     parser.add_argument("--memory-rounds", type=int, default=2,
                         help="paired rounds that sample memory, after the timed ones (default 2; never timed)")
     parser.add_argument("--poll", type=float, default=0.25, help="memory sampling interval in seconds (default 0.25)")
+    parser.add_argument("--timm-extra", default="",
+                        help="more arguments for timm's train.py, e.g. '--channels-last' (default: none)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the running script's tree too
@@ -346,14 +351,15 @@ def main() -> None:
 
     print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, timm {timm.__version__}, "
           f"python {sys.version.split()[0]}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"timm train.py: {args.timm_train}")
+    print(f"timm train.py: {args.timm_train}" + (f" {args.timm_extra}" if args.timm_extra else ""))
     work = Path(tempfile.mkdtemp(prefix="bench_vs_timm_"))
     started = time.perf_counter()
     try:
         wanted = any(JOBS[name].pretrained for name in args.jobs)
         weights = save_weights(work / "resnet18_1000.safetensors") if wanted else None
         for name in args.jobs:
-            run_job(JOBS[name], args.timm_train.resolve(), work, weights, args.rounds,
+            job = dataclasses.replace(JOBS[name], timm_extra=tuple(shlex.split(args.timm_extra)))
+            run_job(job, args.timm_train.resolve(), work, weights, args.rounds,
                     args.max_rounds or 2 * args.rounds, args.max_other_load, args.poll, args.memory_rounds)
     finally:
         if args.keep:
