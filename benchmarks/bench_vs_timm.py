@@ -339,7 +339,7 @@ def main() -> None:
                         help="paired rounds that sample memory, after the timed ones (default 2; never timed)")
     parser.add_argument("--poll", type=float, default=0.25, help="memory sampling interval in seconds (default 0.25)")
     parser.add_argument("--timm-extra", default="",
-                        help="more arguments for timm's train.py, e.g. '--channels-last' (default: none)")
+                        help="more arguments for timm's train.py, one string, e.g. --timm-extra=--channels-last")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the running script's tree too
