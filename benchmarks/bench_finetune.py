@@ -227,12 +227,10 @@ def run_pipeline(config: dict[str, Any], run_dir: Path, cache: Path) -> dict[str
 def run_bare_loop(config: dict[str, Any], num_classes: int, images: torch.Tensor, labels: torch.Tensor,
                   steps: int) -> dict[str, Any]:
     """The ceiling: the pipeline's model and optimizer, stepping over tensors already in memory."""
-    from timm_bninit.experiment.train import build_optimizer
+    from timm_bninit.experiment.train import build_optimizer, laid_out
 
     with step_clock() as stamps:
-        model = finetune.build_model(config, num_classes)
-    if config["channels_last"]:  # as build_run lays the model out
-        model = model.to(memory_format=torch.channels_last)
+        model = laid_out(config, finetune.build_model(config, num_classes))  # as build_run lays the model out
     optimizer = build_optimizer(config, model)  # the run's (fused where torch has a kernel)
     criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     sampler = EpochShuffleSampler(len(images), config["seed"])

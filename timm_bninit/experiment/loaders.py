@@ -218,8 +218,9 @@ def build_loaders(config: dict[str, Any], data: Any, train_transform: Any, eval_
                                **subset)
     sampler = EpochShuffleSampler(len(train), seed)
     # workers persist across epochs (and evaluations): the epoch reaches them inside each index, not by attribute
-    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
-    if not torch.cuda.is_available():  # training on the CPU: the workers share its cores with the training threads
+    cuda = torch.cuda.is_available()
+    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cuda}
+    if not cuda:  # training on the CPU: the workers share its cores with the training threads
         common["worker_init_fn"] = yield_cpu_to_training
     if len(train) < batch:
         raise RunError(f"the training split has {len(train)} images, fewer than batch_size={batch}; lower "

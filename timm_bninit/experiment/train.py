@@ -90,6 +90,12 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> Any:
                                **({"fused": True} if fused else {}))
 
 
+def laid_out(config: dict[str, Any], model: nn.Module) -> nn.Module:
+    """``model`` in the memory layout the run trains it in: NHWC weights with ``channels_last`` (every activation
+    after the stem follows), else as built."""
+    return model.to(memory_format=torch.channels_last) if config["channels_last"] else model
+
+
 def build_scheduler(config: dict[str, Any], optimizer: Any, updates_per_epoch: int) -> Any:
     """timm's scheduler; it stays outside ``accelerator.prepare`` and steps per update from the run's own counter."""
     scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
@@ -202,8 +208,7 @@ def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os
     model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
     if config["sync_bn"] and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # every variant keeps its class; batch statistics over all ranks
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)  # NHWC weights: every activation after the stem follows
+    model = laid_out(config, model)
     initial_scale = effective_initial_scale(model)
     if config["bn_only"]:
         freeze_all_but_norm(model, train_classifier=config["train_classifier"])
