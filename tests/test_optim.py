@@ -129,6 +129,7 @@ def test_torch_optimizers_get_their_fused_kernel_and_it_takes_the_momentum_sgd_s
     fused = {name: build_optimizer({**config, "optimizer": name}, model).defaults.get("fused")
              for name in ("sgd", "momentum", "adamw", "lamb")}
     assert fused == {"sgd": True, "momentum": True, "adamw": True, "lamb": None}  # timm's own Lamb has no kernel
+    assert build_optimizer({**config, "fused_optimizer": False}, model).defaults.get("fused") is None  # as studies ran
 
     torch.manual_seed(0)
     lr, wd, mu = 0.1, 1e-2, 0.9

@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "protocol": "timm",           # timm | official: pin the keys of OFFICIAL_PROTOCOL (Davis & Frank's code,
                                   # docs/methods.md §1) and use its init (fan_in convs, zero biases, γ0 on every BN)
     "optimizer": "sgd",
+    "fused_optimizer": True,      # torch's fused kernel for torch's optimizers (sgd, momentum, adam, adamw): the same
+                                  # update, faster; it rounds differently from the per-tensor loop in the last bit
     "lr": 0.01,
     "momentum": 0.9,
     "weight_decay": 1e-4,         # conv/linear weights only
@@ -143,6 +145,7 @@ SCHEMA: dict[str, tuple[str, tuple]] = {
     "zero_init_last": ("bool", _ANY), "cifar_stem": ("bool", _ANY), "bn_only": ("bool", _ANY),
     "train_classifier": ("bool", _ANY), "drop_rate": ("float", _FRACTION), "drop_path_rate": ("float", _FRACTION),
     "optimizer": ("str", (lambda v: bool(v), "a timm optimizer name (timm.optim.list_optimizers())")),
+    "fused_optimizer": ("bool", _ANY),
     "lr": ("float", _POSITIVE), "momentum": ("float", _FRACTION), "weight_decay": ("float", _NONNEG),
     "sched": ("str", _one_of(*_TIMM_SCHEDULERS)), "step_on_epochs": ("bool", _ANY),
     "warmup_epochs": ("int", _NONNEG), "warmup_lr": ("float", _NONNEG), "min_lr": ("float", _NONNEG),

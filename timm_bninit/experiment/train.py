@@ -78,11 +78,12 @@ class Run:
 def build_optimizer(config: dict[str, Any], model: nn.Module) -> Any:
     """timm's optimizer over the method's parameter groups (γ at lr / c, no decay on γ, β, biases).
 
-    torch's own optimizers (timm's ``sgd``, ``momentum``, ``adam``, ``adamw``, ...) get their fused kernel, which
-    updates every tensor in one pass instead of timm's default per-tensor loop on a CPU: the same update, half the
-    time of that loop for a resnet18 here (benchmarks/README.md).
+    With ``fused_optimizer``, torch's own optimizers (timm's ``sgd``, ``momentum``, ``adam``, ``adamw``, ...) get
+    their fused kernel, which updates every tensor in one pass instead of timm's default per-tensor loop on a CPU: the
+    same update, half the time of that loop for a resnet18 here (benchmarks/README.md).
     """
-    fused = "fused" in inspect.signature(get_optimizer_info(config["optimizer"]).opt_class).parameters
+    fused = config["fused_optimizer"] and "fused" in inspect.signature(
+        get_optimizer_info(config["optimizer"]).opt_class).parameters
     return create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
                                momentum=config["momentum"],
                                param_group_fn=param_group_fn(config["weight_decay"],
