@@ -2,8 +2,8 @@
 
 Each stand-in is a folder laid out like the real repository at its pinned commit
 (``data/<split>-0000k-of-0000n.parquet`` and a dataset card declaring every split), made by the tests. It is read by
-the same ``datasets.load_dataset`` call as the hub; only the repository id in ``HUB_COPIES`` is swapped for the
-folder, with the stand-in's smaller split sizes.
+the same ``datasets.load_dataset`` call as the hub; only the repository id of the registry entry's hub copy is
+swapped for the folder, with the stand-in's smaller split sizes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import datasets
 import pytest
 from fake_datasets import CARS_CLASSES, CUB_CLASSES, HUB_CARS_SHARDS, HUB_CUB_SHARDS, label_of, make_hub_repo
 
-from timm_bninit.data import DatasetError, load_image_dataset
-from timm_bninit.data import hub as data_hub
-from timm_bninit.data.hub import HUB_COPIES, load_hub_dataset
+from timm_bninit.data import DatasetError, get_dataset, load_image_dataset
+from timm_bninit.data import registry as data_registry
+from timm_bninit.data.hub import load_hub_dataset
 
 CORRUPTED = [split for split in HUB_CARS_SHARDS if split not in ("train", "test")]
 
@@ -28,13 +28,15 @@ pytestmark = pytest.mark.usefixtures("offline_hub")  # conftest.py: no test may 
 
 
 def stand_in(kind: str, folder: Path, **kwargs) -> tuple:
-    """``(FakeHubRepo, HubCopy)``: a stand-in of ``kind``'s repository and the real entry pointed at it."""
+    """``(FakeHubRepo, DatasetSpec)``: a stand-in of ``kind``'s repository and the real entry pointed at it."""
     if kind == "cars":
         repo = make_hub_repo(folder, CARS_CLASSES, HUB_CARS_SHARDS, **kwargs)
     else:
         repo = make_hub_repo(folder, CUB_CLASSES, HUB_CUB_SHARDS, with_bbox=True, **kwargs)
     sizes = {split: repo.split_sizes[split] for split in ("train", "test")}
-    return repo, replace(HUB_COPIES[kind], repo=str(folder), split_sizes=sizes, num_classes=len(repo.class_names))
+    spec = get_dataset(kind)
+    return repo, replace(spec, hub=replace(spec.hub, repo=str(folder)), split_sizes=sizes,
+                         num_classes=len(repo.class_names))
 
 
 def arrow_files(cache: Path) -> list[str]:
@@ -48,14 +50,14 @@ def test_the_pins_name_full_commits_and_select_only_train_and_test_of_the_real_l
     # the file listings of the two repositories at their pinned commits, as the hub shows them
     real_cars = [f"data/{s}-{k:05d}-of-{n:05d}.parquet" for s, n in HUB_CARS_SHARDS.items() for k in range(n)]
     real_cub = [f"data/{s}-{k:05d}-of-00002.parquet" for s in ("train", "test") for k in range(2)]
-    assert HUB_COPIES["cars"].revision == "9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40"
-    assert HUB_COPIES["cub"].revision == "1ef09e021b0b65b40337f6f285909656f407f6e0"
+    assert get_dataset("cars").hub.revision == "9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40"
+    assert get_dataset("cub").hub.revision == "1ef09e021b0b65b40337f6f285909656f407f6e0"
     for kind, files in (("cars", [*real_cars, "README.md"]), ("cub", [*real_cub, "README.md", "script.py"])):
-        selected = {split: fnmatch.filter(files, glob) for split, glob in HUB_COPIES[kind].data_files.items()}
+        selected = {split: fnmatch.filter(files, glob) for split, glob in get_dataset(kind).hub.data_files.items()}
         assert selected == {split: [f"data/{split}-0000{k}-of-00002.parquet" for k in range(2)] for split in selected}
         assert set(selected) == {"train", "test"}
-    assert HUB_COPIES["cub"].split_sizes == {"train": 5994, "test": 5794} and HUB_COPIES["cub"].num_classes == 200
-    assert HUB_COPIES["cars"].split_sizes == {"train": 8144, "test": 8041} and HUB_COPIES["cars"].num_classes == 196
+    assert get_dataset("cub").split_sizes == {"train": 5994, "test": 5794} and get_dataset("cub").num_classes == 200
+    assert get_dataset("cars").split_sizes == {"train": 8144, "test": 8041} and get_dataset("cars").num_classes == 196
 
 
 def test_the_stand_in_reproduces_the_nine_splits_that_a_plain_load_dataset_would_prepare(tmp_path):
@@ -69,7 +71,7 @@ def test_the_stand_in_reproduces_the_nine_splits_that_a_plain_load_dataset_would
 def test_cars_reads_train_and_test_only_with_labels_and_images_matching(tmp_path):
     repo, copy = stand_in("cars", tmp_path / "stanford_cars")
     cache = tmp_path / "cache"
-    data = load_hub_dataset("cars", cache, copy=copy)
+    data = load_hub_dataset(copy, cache)
     assert sorted(data) == ["test", "train"]
     assert {s: len(data[s]) for s in data} == {"train": 12, "test": 9}
     for split in ("train", "test"):
@@ -86,13 +88,13 @@ def test_the_corrupted_copies_are_never_opened(tmp_path):
     for split in CORRUPTED:
         for relative in repo.files[split]:
             (repo.folder / relative).write_bytes(b"not a parquet file")  # reading any of them would fail
-    data = load_hub_dataset("cars", tmp_path / "cache", copy=copy)
+    data = load_hub_dataset(copy, tmp_path / "cache")
     assert {s: len(data[s]) for s in data} == {"train": 12, "test": 9}
 
 
 def test_cub_keeps_its_boxes_as_four_float32_in_xyxy_order(tmp_path):
     repo, copy = stand_in("cub", tmp_path / "cub")
-    data = load_hub_dataset("cub", tmp_path / "cache", copy=copy)
+    data = load_hub_dataset(copy, tmp_path / "cache")
     assert data["train"].column_names == ["image", "label", "bbox"]
     assert data["train"].features["bbox"] == datasets.Sequence(datasets.Value("float32"), length=4)
     for split in ("train", "test"):
@@ -111,8 +113,9 @@ def test_integer_labels_become_a_class_label_and_extra_columns_are_dropped(tmp_p
         data = {"image": [_image(label, i) for i, label in enumerate(labels)], "label": labels, "extra": ["x"] * rows}
         (folder / "data").mkdir(parents=True, exist_ok=True)
         datasets.Dataset.from_dict(data, features=features).to_parquet(folder / f"data/{split}-00000-of-00001.parquet")
-    copy = replace(HUB_COPIES["cub"], repo=str(folder), split_sizes={"train": 6, "test": 3}, num_classes=3)
-    data = load_hub_dataset("cub", tmp_path / "cache", copy=copy)
+    cub = get_dataset("cub")
+    copy = replace(cub, hub=replace(cub.hub, repo=str(folder)), split_sizes={"train": 6, "test": 3}, num_classes=3)
+    data = load_hub_dataset(copy, tmp_path / "cache")
     assert data["train"].column_names == ["image", "label"]
     assert data["train"].features["label"].names == ["0", "1", "2"]  # integers kept, not renumbered as strings
     assert data["train"]["label"] == [0, 1, 2, 0, 1, 2]
@@ -132,7 +135,7 @@ def _image(label: int, index: int):
 def cars_on_disk(tmp_path, monkeypatch):
     """Hub Cars' entry pointed at a stand-in; ``datasets.load_dataset`` still runs, with its calls recorded."""
     repo, copy = stand_in("cars", tmp_path / "stanford_cars")
-    monkeypatch.setitem(data_hub.HUB_COPIES, "cars", copy)
+    monkeypatch.setitem(data_registry._DATASETS, "cars", copy)
     calls, real = [], datasets.load_dataset
     monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: calls.append((path, kw)) or real(path, **kw))
     return repo, calls
@@ -161,7 +164,7 @@ def test_hub_revision_overrides_the_pin_and_is_recorded(tmp_path, cars_on_disk):
 
 def test_cub_through_the_entry_point_has_boxes(tmp_path, monkeypatch):
     repo, copy = stand_in("cub", tmp_path / "cub")
-    monkeypatch.setitem(data_hub.HUB_COPIES, "cub", copy)
+    monkeypatch.setitem(data_registry._DATASETS, "cub", copy)
     data, info = load_image_dataset("cub", cache_dir=tmp_path / "cache", val_fraction=0.25)
     assert info.has_bbox and info.bbox_format == "xyxy" and info.class_names == list(CUB_CLASSES)
     assert info.revision == "1ef09e021b0b65b40337f6f285909656f407f6e0"
@@ -196,7 +199,7 @@ def test_the_real_hub_path_offline_names_the_pinned_commit(tmp_path):
 def test_wrong_split_sizes_say_what_was_found_and_what_was_expected(tmp_path):
     repo, copy = stand_in("cars", tmp_path / "stanford_cars")
     with pytest.raises(DatasetError) as raised:
-        load_hub_dataset("cars", tmp_path / "cache", copy=replace(copy, split_sizes={"train": 8144, "test": 8041}))
+        load_hub_dataset(replace(copy, split_sizes={"train": 8144, "test": 8041}), tmp_path / "cache")
     message = str(raised.value)
     assert message == (
         f"hub copy {str(repo.folder)!r} at revision 9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40 has 12 train / 9 test "
@@ -211,7 +214,7 @@ def test_a_constant_test_label_is_refused(tmp_path):
         0 if split == "test" else label))
     with pytest.raises(DatasetError, match=r"split 'test' has no image of 2 of its 3 classes \(labels 1, 2; found 1 "
                        r"distinct labels\), expected every class in train and test: its label column is broken"):
-        load_hub_dataset("cars", tmp_path / "cache", copy=copy)
+        load_hub_dataset(copy, tmp_path / "cache")
 
 
 def test_a_class_missing_from_train_is_refused(tmp_path):
@@ -219,7 +222,7 @@ def test_a_class_missing_from_train_is_refused(tmp_path):
     _, copy = stand_in("cub", tmp_path / "cub", label_of_row=lambda split, row, label: (
         1 if split == "train" and label == 2 else label))
     with pytest.raises(DatasetError, match=r"split 'train' has no image of 1 of its 3 classes \(labels 2;"):
-        load_hub_dataset("cub", tmp_path / "cache", copy=copy)
+        load_hub_dataset(copy, tmp_path / "cache")
 
 
 def test_a_label_outside_the_classes_is_refused(tmp_path):
@@ -227,13 +230,13 @@ def test_a_label_outside_the_classes_is_refused(tmp_path):
     _, copy = stand_in("cars", tmp_path / "stanford_cars", label_of_row=lambda split, row, label: (
         -1 if split == "test" and row == 0 else label))
     with pytest.raises(DatasetError, match=r"split 'test' has labels outside 0\.\.2: \[-1\]"):
-        load_hub_dataset("cars", tmp_path / "cache", copy=copy)
+        load_hub_dataset(copy, tmp_path / "cache")
 
 
 def test_a_wrong_number_of_classes_is_refused(tmp_path):
     _, copy = stand_in("cars", tmp_path / "stanford_cars")
     with pytest.raises(DatasetError, match=r"declares 3 classes, expected 196; pass another hub_revision"):
-        load_hub_dataset("cars", tmp_path / "cache", copy=replace(copy, num_classes=196))
+        load_hub_dataset(replace(copy, num_classes=196), tmp_path / "cache")
 
 
 def test_missing_test_files_are_a_one_line_error(tmp_path):
@@ -241,7 +244,7 @@ def test_missing_test_files_are_a_one_line_error(tmp_path):
     for relative in repo.files["test"]:
         (repo.folder / relative).unlink()
     with pytest.raises(DatasetError) as raised:
-        load_hub_dataset("cars", tmp_path / "cache", copy=copy)
+        load_hub_dataset(copy, tmp_path / "cache")
     message = str(raised.value)
     assert message.startswith(
         "could not load 'cars' (train data/train-*.parquet, test data/test-*.parquet) from its Hugging Face hub copy "

@@ -1,10 +1,13 @@
-"""Data layer: CUB-200-2011, Stanford Cars, CIFAR-10/100, any imagefolder tree and an offline digits demo set.
+"""Data layer: CUB-200-2011, Stanford Cars, CIFAR-10/100, any imagefolder tree, an offline digits demo set, and any
+data set registered with :func:`register_dataset`.
 
-Local sources are parsed once and cached; CUB, Cars and CIFAR can also come from their Hugging Face hub copies.
+Local sources are parsed once and cached; CUB, Cars and CIFAR can also come from their Hugging Face hub copies. Each
+data set is one entry of :mod:`.registry` (names, hub copy, split sizes, class count, local layout).
 
 One entry point, :func:`load_image_dataset`, returns ``train`` / ``validation`` / ``test`` splits (official
-train/test kept, validation a stratified fraction of train with a fixed split seed) and an :class:`ImageDatasetInfo`;
-:func:`with_transforms` attaches the train / eval transforms lazily for a ``torch.utils.data.DataLoader``.
+train/test kept, validation the source's own or a stratified fraction of train with a fixed split seed) and an
+:class:`ImageDatasetInfo`; :func:`with_transforms` attaches the train / eval transforms lazily for a
+``torch.utils.data.DataLoader``.
 
 Example::
 
@@ -19,18 +22,23 @@ Example::
 """
 
 from .errors import DatasetError, SkippedFile
-from .loading import DATASET_NAMES, ImageDatasetInfo, load_image_dataset, resolve_source
+from .loading import ImageDatasetInfo, load_image_dataset, resolve_source
+from .registry import DatasetSpec, HubCopy, get_dataset, list_datasets, register_dataset
 from .splits import add_validation_split
 from .transforms import ImageTransform, with_transforms
 
 __all__ = [
-    "DATASET_NAMES",
     "DatasetError",
+    "DatasetSpec",
+    "HubCopy",
     "ImageDatasetInfo",
     "ImageTransform",
     "SkippedFile",
     "add_validation_split",
+    "get_dataset",
+    "list_datasets",
     "load_image_dataset",
+    "register_dataset",
     "resolve_source",
     "with_transforms",
 ]

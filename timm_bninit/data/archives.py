@@ -76,7 +76,7 @@ class ArchiveIndex:
     """What a local data set lists: class names and, per official split, files, labels and boxes.
 
     Attributes:
-        name: Source kind, ``'cub'``, ``'cars'`` or ``'imagefolder'``.
+        name: What the source is (``'cub'``, ``'cars'``, ``'imagefolder'``, ``'CIFAR-10'``).
         root: Folder the file paths are relative to.
         class_names: Class names in label order.
         splits: Official splits by name (``'train'``, ``'test'``, and ``'validation'`` if the source has one).

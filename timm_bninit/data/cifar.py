@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CifarLayout",
-    "CIFAR_LAYOUTS",
-    "detect_cifar_layout",
     "find_cifar_root",
     "cifar_index_files",
     "build_cifar_dataset",
@@ -59,6 +57,8 @@ class CifarLayout:
         names_key: Key of the class names in ``meta_file``.
         label_key: Key of the labels in each batch file.
         splits: Official split -> batch files, in order.
+        recognised_by: Files that mark a folder as the archive folder itself (CIFAR-100's ``meta`` is a generic
+            name, so it comes with ``train``).
         coarse_names_key: Key of the superclass names (CIFAR-100), or None.
         coarse_label_key: Key of the superclass labels in each batch file (CIFAR-100), or None.
     """
@@ -70,6 +70,7 @@ class CifarLayout:
     names_key: str
     label_key: str
     splits: dict[str, tuple[str, ...]]
+    recognised_by: tuple[str, ...]
     coarse_names_key: str | None = None
     coarse_label_key: str | None = None
 
@@ -79,49 +80,11 @@ class CifarLayout:
         return [self.meta_file, *(name for batches in self.splits.values() for name in batches)]
 
 
-CIFAR_LAYOUTS = {
-    "cifar10": CifarLayout(
-        title="CIFAR-10",
-        folder="cifar-10-batches-py",
-        tarball="cifar-10-python.tar.gz",
-        meta_file="batches.meta",
-        names_key="label_names",
-        label_key="labels",
-        splits={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
-    ),
-    "cifar100": CifarLayout(
-        title="CIFAR-100",
-        folder="cifar-100-python",
-        tarball="cifar-100-python.tar.gz",
-        meta_file="meta",
-        names_key="fine_label_names",
-        label_key="fine_labels",
-        splits={"train": ("train",), "test": ("test",)},
-        coarse_names_key="coarse_label_names",
-        coarse_label_key="coarse_labels",
-    ),
-}
+def find_cifar_root(layout: CifarLayout, data_dir: str | Path) -> Path:
+    """The archive folder (``cifar-10-batches-py/`` or ``cifar-100-python/``), given either it or its parent.
 
-
-def detect_cifar_layout(path: Path) -> str | None:
-    """``'cifar10'`` or ``'cifar100'`` if ``path`` holds (or is) that archive's folder, else None.
-
-    A folder that is the archive itself is recognised by its meta file; CIFAR-100's ``meta`` is a generic name, so it
-    must come with a ``train`` file too.
+    The message for a folder that holds another registered data set says which (:mod:`.loading` adds it).
     """
-    for kind, layout in CIFAR_LAYOUTS.items():
-        if (path / layout.folder).is_dir():
-            return kind
-    if (path / "batches.meta").is_file():
-        return "cifar10"
-    if (path / "meta").is_file() and (path / "train").is_file():
-        return "cifar100"
-    return None
-
-
-def find_cifar_root(kind: str, data_dir: str | Path) -> Path:
-    """The archive folder (``cifar-10-batches-py/`` or ``cifar-100-python/``), given either it or its parent."""
-    layout = CIFAR_LAYOUTS[kind]
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise DatasetError(f"{layout.title} data dir {str(data_dir)!r} does not exist or is not a folder")
@@ -129,22 +92,18 @@ def find_cifar_root(kind: str, data_dir: str | Path) -> Path:
         return (data_dir / layout.folder).resolve()  # its missing files are named by cifar_index_files
     if any((data_dir / name).is_file() for name in layout.files):
         return data_dir.resolve()
-    hints = []
+    tarball = ""
     if (data_dir / layout.tarball).is_file():
-        hints.append(f"{layout.tarball} is there but not extracted: run `tar xzf {layout.tarball}` in that folder")
-    other = detect_cifar_layout(data_dir)
-    if other is not None and other != kind:
-        hints.append(f"it holds {CIFAR_LAYOUTS[other].title} instead: did you mean {other!r}?")
+        tarball = f"; {layout.tarball} is there but not extracted: run `tar xzf {layout.tarball}` in that folder"
     raise DatasetError(
         f"no {layout.title} archive in {str(data_dir)!r}: expected {layout.folder}/ (with "
         f"{', '.join(layout.files)}) there, or those files directly; pass the folder that contains {layout.folder}/ "
-        f"(the extracted {layout.tarball}) or {layout.folder}/ itself" + "".join(f"; {hint}" for hint in hints)
+        f"(the extracted {layout.tarball}) or {layout.folder}/ itself{tarball}"
     )
 
 
-def cifar_index_files(kind: str, root: Path) -> list[Path]:
+def cifar_index_files(layout: CifarLayout, root: Path) -> list[Path]:
     """The meta and batch files of the archive at ``root``, in a fixed order; fails naming any that are missing."""
-    layout = CIFAR_LAYOUTS[kind]
     paths = [root / name for name in layout.files]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
@@ -155,7 +114,7 @@ def cifar_index_files(kind: str, root: Path) -> list[Path]:
     return paths
 
 
-def build_cifar_dataset(kind: str, root: Path) -> DatasetDict:
+def build_cifar_dataset(layout: CifarLayout, root: Path) -> DatasetDict:
     """Read and check every batch file; the official splits with ``image``, ``label`` (, ``coarse_label``), ``file``.
 
     Raises:
@@ -165,8 +124,7 @@ def build_cifar_dataset(kind: str, root: Path) -> DatasetDict:
     """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, concatenate_datasets
 
-    layout = CIFAR_LAYOUTS[kind]
-    cifar_index_files(kind, root)
+    cifar_index_files(layout, root)
     meta_path = root / layout.meta_file
     meta = _load_batch(meta_path)
     class_names = _class_names(meta, layout.names_key, meta_path)
@@ -196,7 +154,7 @@ def build_cifar_dataset(kind: str, root: Path) -> DatasetDict:
         for rows in parts:
             listed[name].files += rows["file"]
             listed[name].labels += rows["label"]
-    check_class_coverage(ArchiveIndex(kind, root, class_names, listed), f"{layout.title} archive {str(root)!r}")
+    check_class_coverage(ArchiveIndex(layout.title, root, class_names, listed), f"{layout.title} archive {str(root)!r}")
 
     # pass 2: encode one batch file at a time, so only one file's PNG bytes exist as Python objects at once
     features = Features(columns)

@@ -34,8 +34,15 @@ DIGITS_SPLIT_SEED = 0
 
 
 def digits_parameters() -> dict[str, Any]:
-    """Everything the built set depends on besides scikit-learn's version (part of its cache key)."""
-    return {"image_size": DIGITS_IMAGE_SIZE, "test_fraction": DIGITS_TEST_FRACTION, "split_seed": DIGITS_SPLIT_SEED}
+    """Everything the built set depends on, scikit-learn's version included (its cache key)."""
+    import sklearn
+
+    return {
+        "sklearn_version": sklearn.__version__,
+        "image_size": DIGITS_IMAGE_SIZE,
+        "test_fraction": DIGITS_TEST_FRACTION,
+        "split_seed": DIGITS_SPLIT_SEED,
+    }
 
 
 def build_digits_dataset() -> DatasetDict:

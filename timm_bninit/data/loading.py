@@ -6,33 +6,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import did_you_mean
-from .archives import BBOX_FORMAT, CUB_DIR
+from .archives import BBOX_FORMAT
 from .cache import default_cache_dir
-from .cifar import CIFAR_LAYOUTS, detect_cifar_layout
 from .errors import DatasetError, SkippedFile
-from .hub import HUB_COPIES, load_hub_dataset
-from .local import load_cifar_dataset, load_digits_dataset, load_local_dataset
+from .hub import load_hub_dataset
+from .local import BuiltinSource, FolderSource, LocalLoad
+from .registry import DatasetSpec, find_dataset, get_dataset, recognise_folder, unknown_dataset_error
 from .splits import add_validation_split
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-__all__ = ["DATASET_NAMES", "ImageDatasetInfo", "resolve_source", "load_image_dataset"]
+__all__ = ["ImageDatasetInfo", "resolve_source", "load_image_dataset"]
 
-DATASET_NAMES = ("cub", "cars", "digits", "imagefolder", "cifar10", "cifar100")
-_ALIASES = {
-    "cifar-10": "cifar10",
-    "cifar_10": "cifar10",
-    "cifar-100": "cifar100",
-    "cifar_100": "cifar100",
-    "cub200": "cub",
-    "cub-200-2011": "cub",
-    "cub_200_2011": "cub",
-    "stanford_cars": "cars",
-    "stanford-cars": "cars",
-    "stanfordcars": "cars",
-}
+# a bare folder that no registered layout recognises is read as an imagefolder tree
+FALLBACK_LAYOUT = "imagefolder"
 
 
 @dataclass
@@ -40,7 +28,7 @@ class ImageDatasetInfo:
     """What was loaded and how; ``to_dict()`` is what a run directory records.
 
     Attributes:
-        name: Source kind: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'`` or ``'imagefolder'``.
+        name: The data set's registry name (``'cub'``, ``'cars'``, ``'cifar10'``, ``'digits'``, ``'imagefolder'``...).
         origin: ``'hub'`` (Hugging Face hub copy), ``'local'`` (a folder) or ``'builtin'`` (digits).
         source: Hub repository id, resolved local folder, or ``'sklearn.datasets.load_digits'``.
         revision: Hub commit (or branch / tag) the hub copy was read at; None for local sources and unpinned copies.
@@ -99,50 +87,67 @@ class ImageDatasetInfo:
 
 
 def resolve_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> tuple[str, Path | None]:
-    """``(kind, local folder or None)`` for a data-set name or a folder.
+    """``(registry name, local folder or None)`` for a data-set name or a folder.
 
-    A known name (``cub``, ``cars``, ``cifar10``, ``cifar100``, ``digits``, ``imagefolder``, or an alias such as
-    ``cub200``) selects the kind; its folder is ``data_dir`` (None: the hub copy for ``cub``/``cars``/``cifar10``/
-    ``cifar100``). Anything else must be an existing folder, whose layout picks the kind: ``CUB_200_2011/`` or
-    ``images.txt`` -> ``cub``; ``devkit/cars_meta.mat`` -> ``cars``; ``cifar-10-batches-py/`` or ``batches.meta`` ->
-    ``cifar10``; ``cifar-100-python/`` or ``meta`` with ``train`` -> ``cifar100``; otherwise ``imagefolder``.
+    A registered name (``cub``, ``cars``, ``cifar10``, ``cifar100``, ``digits``, ``imagefolder``, one registered with
+    :func:`~timm_bninit.data.register_dataset`, or an alias such as ``cub200``) selects the entry; its folder is
+    ``data_dir`` (None: its hub copy, or its builtin source). Anything else must be an existing folder, whose layout
+    picks the entry (each entry's ``recognise``, in registration order): ``CUB_200_2011/`` or ``images.txt`` ->
+    ``cub``; ``devkit/cars_meta.mat`` -> ``cars``; ``cifar-10-batches-py/`` or ``batches.meta`` -> ``cifar10``;
+    ``cifar-100-python/`` or ``meta`` with ``train`` -> ``cifar100``; otherwise ``imagefolder``.
+
+    Raises:
+        DatasetError: an unknown name that is no folder, or a combination the entry cannot serve: a ``data_dir``
+            for a hub-only entry or a builtin set, none for an entry without a hub copy, or both a folder and a
+            ``data_dir``.
     """
-    key = str(name_or_path).strip().lower()
-    kind = _ALIASES.get(key, key)
-    if kind in DATASET_NAMES:
-        if kind == "imagefolder" and data_dir is None:
-            raise DatasetError("'imagefolder' needs data_dir=<folder with train/<class>/... and test/<class>/...>")
-        if kind == "digits" and data_dir is not None:
-            raise DatasetError(f"'digits' is bundled with scikit-learn and takes no data_dir (got {str(data_dir)!r})")
-        return kind, None if data_dir is None else Path(data_dir).expanduser()
+    spec = find_dataset(str(name_or_path))
+    if spec is not None:
+        _check_combination(spec, data_dir)
+        return spec.name, None if data_dir is None else Path(data_dir).expanduser()
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        hint = did_you_mean(key, [*DATASET_NAMES, *_ALIASES])
-        hint = f". {hint}" if hint else ""
-        raise DatasetError(
-            f"unknown data set {str(name_or_path)!r} (and no such folder){hint}; known: {', '.join(DATASET_NAMES)}, "
-            "or the path of a local folder (official CUB/Cars/CIFAR archive or an imagefolder tree)"
-        )
+        raise unknown_dataset_error(str(name_or_path), or_folder=True)
     if data_dir is not None and Path(data_dir).expanduser().resolve() != path.resolve():
         raise DatasetError(
             f"got both the folder {str(name_or_path)!r} and data_dir={str(data_dir)!r}; pass a data-set name with "
             "data_dir, or just the folder"
         )
-    if (path / CUB_DIR).is_dir() or (path / "images.txt").is_file():
-        return "cub", path
-    if (path / "devkit" / "cars_meta.mat").is_file() or (path / "stanford_cars" / "devkit").is_dir():
-        return "cars", path
-    cifar_kind = detect_cifar_layout(path)
-    if cifar_kind is not None:
-        return cifar_kind, path
-    return "imagefolder", path
+    recognised = recognise_folder(path)
+    return (FALLBACK_LAYOUT if recognised is None else recognised.name), path
 
 
-def _load_official(kind: str, folder: Path | None, cache_root: Path, own_cache: bool, skip_corrupt: bool,
+def _check_combination(spec: DatasetSpec, data_dir: str | Path | None) -> None:
+    """Refuse, in one line, a ``data_dir`` the entry cannot use or a missing one it needs."""
+    if data_dir is not None:
+        if isinstance(spec.local, BuiltinSource):
+            raise DatasetError(f"{spec.name!r} is {spec.local.note} and takes no data_dir (got {str(data_dir)!r})")
+        if spec.local is None:
+            raise DatasetError(
+                f"{spec.name!r} is read from its hub copy {spec.hub.repo!r} only and has no local layout, so it takes "
+                f"no data_dir (got {str(data_dir)!r}); drop data_dir, or register the entry with a local layout"
+            )
+    elif spec.hub is None and isinstance(spec.local, FolderSource):
+        raise DatasetError(f"{spec.name!r} needs data_dir=<{spec.local.hint}>")
+
+
+def _find_root(spec: DatasetSpec, source: FolderSource, folder: Path) -> Path:
+    """The source's root in ``folder``; a folder holding another registered data set says which."""
+    try:
+        return source.find_root(folder)
+    except DatasetError as error:
+        other = recognise_folder(folder) if folder.is_dir() else None
+        if other is None or other.name == spec.name:
+            raise
+        raise DatasetError(f"{error}; it holds {other.title} instead: did you mean {other.name!r}?") from error
+
+
+def _load_official(spec: DatasetSpec, folder: Path | None, cache_root: Path, own_cache: bool, skip_corrupt: bool,
                    hub_revision: str | None) -> tuple[DatasetDict, ImageDatasetInfo]:
-    """The source's official splits (a hub copy, digits, CIFAR or a local archive) and their info."""
-    from_hub = folder is None and kind in HUB_COPIES
+    """The source's official splits (a hub copy, a builtin set or a local folder) and their info."""
+    kind = spec.name
+    from_hub = folder is None and spec.hub is not None
     if hub_revision is not None and not from_hub:
         where = f"the local folder {str(folder)!r}" if folder is not None else f"{kind!r}, which has no hub copy"
         raise DatasetError(
@@ -150,29 +155,31 @@ def _load_official(kind: str, folder: Path | None, cache_root: Path, own_cache: 
             "drop hub_revision, or drop data_dir to read the hub copy"
         )
     if from_hub:
-        copy = HUB_COPIES[kind]
-        official = load_hub_dataset(kind, cache_root / "hub" if own_cache else None, revision=hub_revision)
+        official = load_hub_dataset(spec, cache_root / "hub" if own_cache else None, revision=hub_revision)
         names = list(official["train"].features["label"].names)
-        info = ImageDatasetInfo(kind, "hub", copy.repo, names, revision=hub_revision or copy.revision)
-    else:
-        if kind == "digits":
-            loaded = load_digits_dataset(cache_root)
-        elif kind in CIFAR_LAYOUTS:
-            loaded = load_cifar_dataset(kind, folder, cache_root)
-        else:
-            loaded = load_local_dataset(kind, folder, cache_root, skip_corrupt=skip_corrupt)
-        official = loaded.dataset
-        info = ImageDatasetInfo(
-            kind,
-            "builtin" if kind == "digits" else "local",
-            loaded.source,
-            loaded.class_names,
-            skipped=loaded.skipped,
-            cache_path=str(loaded.cache_path),
-            from_cache=loaded.from_cache,
-        )
+        info = ImageDatasetInfo(kind, "hub", spec.hub.repo, names, revision=hub_revision or spec.hub.revision)
+        return official, info
 
-    return official, info
+    loaded = _load_local(spec, folder, cache_root, skip_corrupt)
+    info = ImageDatasetInfo(
+        kind,
+        spec.local.origin,
+        loaded.source,
+        loaded.class_names,
+        skipped=loaded.skipped,
+        cache_path=str(loaded.cache_path),
+        from_cache=loaded.from_cache,
+    )
+    return loaded.dataset, info
+
+
+def _load_local(spec: DatasetSpec, folder: Path | None, cache_root: Path, skip_corrupt: bool) -> LocalLoad:
+    if isinstance(spec.local, BuiltinSource):
+        return spec.local.load(spec.name, cache_root)
+    if not isinstance(spec.local, FolderSource) or folder is None:  # resolve_source refuses these first
+        raise DatasetError(f"{spec.name!r} cannot be read from {'no folder' if folder is None else str(folder)!r}")
+    root = _find_root(spec, spec.local, folder)
+    return spec.local.load(spec.name, root, cache_root, skip_corrupt)
 
 
 def load_image_dataset(
@@ -186,9 +193,10 @@ def load_image_dataset(
 ) -> tuple[DatasetDict, ImageDatasetInfo]:
     """Load an image-classification data set as ``train`` / ``validation`` / ``test`` splits.
 
-    The official train/test split is kept; validation is a stratified ``val_fraction`` of train drawn with
-    ``split_seed`` (see :mod:`timm_bninit.data.splits`). Local sources are parsed, every image is decoded once, and
-    the result is cached under ``cache_dir``, so later loads memory-map it and take seconds.
+    The official splits are kept: train and test, and validation where the source has one (its registry entry lists
+    it, or an imagefolder tree has a ``validation/`` folder); otherwise validation is a stratified ``val_fraction`` of
+    train drawn with ``split_seed`` (see :mod:`timm_bninit.data.splits`). Local sources are parsed, every image is
+    decoded once, and the result is cached under ``cache_dir``, so later loads memory-map it and take seconds.
 
     Example::
 
@@ -198,18 +206,19 @@ def load_image_dataset(
         print(info.num_classes, info.split_sizes, info.skipped)
 
     Args:
-        name_or_path: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'``, ``'imagefolder'``, or a
-            local folder (layout detected).
+        name_or_path: ``'cub'``, ``'cars'``, ``'cifar10'``, ``'cifar100'``, ``'digits'``, ``'imagefolder'``, another
+            registered name (:mod:`timm_bninit.data.registry`), or a local folder (layout detected).
         data_dir: Local folder for ``cub``/``cars``/``cifar10``/``cifar100`` (official archive layout; the hub copy
-            is used when absent) or ``imagefolder``.
+            is used when absent) or ``imagefolder``: what the entry's local layout reads.
         cache_dir: Cache for built local data sets and hub downloads; default ``$TIMM_BNINIT_DATA_CACHE`` or
             ``~/.cache/timm_bninit/datasets``.
-        val_fraction: Fraction of the training images drawn, per class, as the validation split (0: none).
+        val_fraction: Fraction of the training images drawn, per class, as the validation split (0: none); not used
+            when the source has its own validation split.
         split_seed: Seed of that draw, independent of any run seed and of global random state.
         skip_corrupt: Leave out missing or undecodable images instead of failing; they are listed in
             ``info.skipped``. Not used by CIFAR, whose images are arrays inside the batch files.
         hub_revision: Commit, branch or tag of the hub copy to read instead of the pinned commit
-            (``timm_bninit.data.hub.HUB_COPIES``). Only for a hub copy: refused with a ``data_dir`` or a local source.
+            (the entry's ``hub.revision``). Only for a hub copy: refused with a ``data_dir`` or a local source.
 
     Returns:
         ``(DatasetDict, ImageDatasetInfo)``. Columns: ``image`` (``datasets.Image``), ``label``
@@ -218,13 +227,15 @@ def load_image_dataset(
         and ``file`` (path within the source; ``<batch file>/<row>`` for CIFAR) for local sources.
 
     Raises:
-        DatasetError: the source is missing, malformed, has bad labels, empty classes or unreadable images, or the
-            hub is unreachable, or the hub copy's split sizes or classes are not the official ones; the message names
-            the file and what to do.
+        DatasetError: the name is unknown or the entry cannot be read as asked (see :func:`resolve_source`), the
+            source is missing, malformed, has bad labels, empty classes or unreadable images, or the hub is
+            unreachable, or the hub copy's split sizes or classes are not the official ones; the message names the
+            file and what to do.
     """
     kind, folder = resolve_source(name_or_path, data_dir)
     cache_root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-    official, info = _load_official(kind, folder, cache_root, cache_dir is not None, skip_corrupt, hub_revision)
+    spec = get_dataset(kind)
+    official, info = _load_official(spec, folder, cache_root, cache_dir is not None, skip_corrupt, hub_revision)
 
     dataset = add_validation_split(official, val_fraction=val_fraction, split_seed=split_seed)
     if "validation" not in official:

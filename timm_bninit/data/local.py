@@ -1,4 +1,4 @@
-"""Local sources turned into cached ``DatasetDict``\\ s: official archives, image folders, and the digits demo set.
+"""Local sources turned into cached ``DatasetDict``\\ s: official archives, image folders, and builtin demo sets.
 
 A build reads the source's index, decodes every image once (:mod:`.verify`), and saves the official splits with
 ``image`` (``datasets.Image``), ``label`` (``datasets.ClassLabel`` with the class names), ``file`` (the path
@@ -6,71 +6,32 @@ relative to the source root, for tracing a prediction back to its image) and, fo
 (``[x_min, y_min, x_max, y_max]``). The CIFAR python archives hold pixel arrays rather than image files; their build
 (:mod:`.cifar`) checks the arrays instead and PNG-encodes them, and ``file`` is ``<batch file>/<row>``. Later loads
 memory-map the cache (:mod:`.cache`).
+
+Each way of reading is a :class:`LocalSource`, the ``local`` of a data set's registry entry
+(:mod:`timm_bninit.data.registry`): :class:`LocalLayout` (an archive read through an index, or an imagefolder
+tree), :class:`CifarArchive` (a CIFAR python archive) and :class:`BuiltinSource` (a set built from a package, such
+as the digits). The entry's name keys the cache.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from . import archives, cifar, digits, imagefolder
+from . import archives, cifar
 from .archives import ArchiveIndex
 from .cache import build_entry, entry_path, load_entry, source_fingerprint
+from .cifar import CifarLayout
 from .errors import DatasetError, SkippedFile
 from .verify import find_unreadable_images
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-__all__ = [
-    "LocalLayout",
-    "LOCAL_LAYOUTS",
-    "LocalLoad",
-    "load_local_dataset",
-    "load_cifar_dataset",
-    "load_digits_dataset",
-]
-
-
-@dataclass(frozen=True)
-class LocalLayout:
-    """How to find, fingerprint and read one kind of local source.
-
-    Attributes:
-        find_root: data dir -> the folder the index's paths are relative to; raises DatasetError if absent.
-        index_files: root -> files whose bytes key the cache.
-        image_dirs: root -> folders whose listing keys the cache.
-        read_index: (root, scratch folder) -> the checked :class:`ArchiveIndex`.
-    """
-
-    find_root: Callable[[str | Path], Path]
-    index_files: Callable[[Path], list[Path]]
-    image_dirs: Callable[[Path], list[Path]]
-    read_index: Callable[[Path, Path], ArchiveIndex]
-
-
-LOCAL_LAYOUTS: dict[str, LocalLayout] = {
-    "cub": LocalLayout(
-        find_root=archives.find_cub_root,
-        index_files=archives.cub_index_files,
-        image_dirs=lambda root: [root / "images"],
-        read_index=lambda root, scratch: archives.read_cub_index(root),
-    ),
-    "cars": LocalLayout(
-        find_root=archives.find_cars_root,
-        index_files=archives.cars_index_files,
-        image_dirs=lambda root: [root / "cars_train", root / "cars_test"],
-        read_index=lambda root, scratch: archives.read_cars_index(root),
-    ),
-    "imagefolder": LocalLayout(
-        find_root=imagefolder.find_imagefolder_root,
-        index_files=lambda root: [],
-        image_dirs=lambda root: [root],
-        read_index=lambda root, scratch: imagefolder.read_imagefolder_index(root, scratch / "hf"),
-    ),
-}
+__all__ = ["LocalSource", "FolderSource", "LocalLayout", "CifarArchive", "BuiltinSource", "LocalLoad"]
 
 
 @dataclass
@@ -94,54 +55,132 @@ class LocalLoad:
     from_cache: bool
 
 
-def load_local_dataset(kind: str, data_dir: str | Path, cache_root: Path, skip_corrupt: bool = False) -> LocalLoad:
-    """Load a local source from the cache, building (parse, decode every image, save) the entry on a miss.
+class FolderSource(ABC):
+    """A data set read from a folder on this machine (``data_dir``): the ``local`` of its registry entry.
 
-    Args:
-        kind: ``'cub'``, ``'cars'`` or ``'imagefolder'``.
-        data_dir: The folder given by the user (see each layout's ``find_root`` for what is accepted).
-        cache_root: Folder holding the cache entries.
-        skip_corrupt: Leave out images that are missing or fail to decode, recording them, instead of failing.
+    Attributes:
+        origin: What :class:`~timm_bninit.data.ImageDatasetInfo` records as the origin.
+        hint: What ``data_dir`` must hold, for messages (``data_dir=<hint>``).
     """
-    layout = LOCAL_LAYOUTS[kind]
-    root = layout.find_root(data_dir)
-    key = source_fingerprint(kind, root, layout.index_files(root), layout.image_dirs(root))
 
-    def build(work: Path) -> tuple[DatasetDict, list[SkippedFile]]:
-        return _build_from_index(layout.read_index(root, work), skip_corrupt)
+    origin: ClassVar[str] = "local"
+    hint: str
 
-    return _load_or_build(kind, key, str(root), cache_root, skip_corrupt, build)
+    def recognises(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this layout, for a data set given as a bare folder (no name)."""
+        return False
+
+    @abstractmethod
+    def find_root(self, data_dir: str | Path) -> Path:
+        """The folder the source is read from, given the user's ``data_dir``; DatasetError if it is not there."""
+
+    @abstractmethod
+    def load(self, name: str, root: Path, cache_root: Path, skip_corrupt: bool) -> LocalLoad:
+        """The official splits of the source at ``root``, from the cache, building the entry on a miss.
+
+        Args:
+            name: The data set's registry name; it keys the cache entry.
+            root: What :meth:`find_root` returned.
+            cache_root: Folder holding the cache entries.
+            skip_corrupt: Leave out images that are missing or fail to decode, recording them, instead of failing.
+        """
 
 
-def load_cifar_dataset(kind: str, data_dir: str | Path, cache_root: Path) -> LocalLoad:
-    """Load an official CIFAR python archive (see :mod:`.cifar`) from the cache, building the entry on a miss.
+@dataclass(frozen=True)
+class LocalLayout(FolderSource):
+    """An archive read through its index files, or an imagefolder tree: images decoded once, then cached.
+
+    Attributes:
+        locate_root: data dir -> the folder the index's paths are relative to; raises DatasetError if absent.
+        index_files: root -> files whose bytes key the cache.
+        image_dirs: root -> folders whose listing keys the cache.
+        read_index: (root, scratch folder) -> the checked :class:`ArchiveIndex`.
+        hint: What ``data_dir`` must hold, e.g. ``'the folder containing CUB_200_2011/'``.
+        recognise: folder -> whether it holds this layout; None: a bare folder is never taken for it.
+    """
+
+    locate_root: Callable[[str | Path], Path]
+    index_files: Callable[[Path], list[Path]]
+    image_dirs: Callable[[Path], list[Path]]
+    read_index: Callable[[Path, Path], ArchiveIndex]
+    hint: str
+    recognise: Callable[[Path], bool] | None = None
+
+    def recognises(self, folder: Path) -> bool:
+        return self.recognise is not None and self.recognise(folder)
+
+    def find_root(self, data_dir: str | Path) -> Path:
+        return self.locate_root(data_dir)
+
+    def load(self, name: str, root: Path, cache_root: Path, skip_corrupt: bool) -> LocalLoad:
+        """The official splits, from the cache; a miss parses the index, decodes every image and saves the entry."""
+        key = source_fingerprint(name, root, self.index_files(root), self.image_dirs(root))
+
+        def build(work: Path) -> tuple[DatasetDict, list[SkippedFile]]:
+            return _build_from_index(self.read_index(root, work), skip_corrupt)
+
+        return _load_or_build(name, key, str(root), cache_root, skip_corrupt, build)
+
+
+@dataclass(frozen=True)
+class CifarArchive(FolderSource):
+    """An official CIFAR python archive (see :mod:`.cifar`), PNG-encoded once into the cache.
 
     The key hashes the bytes of the meta and batch files (about 180 MB: half a second per load, against half a
-    minute to build), so a replaced batch file always rebuilds.
+    minute to build), so a replaced batch file always rebuilds. There are no per-image files, so nothing is skipped:
+    a bad batch file fails the build whatever ``skip_corrupt`` says.
 
-    Args:
-        kind: ``'cifar10'`` or ``'cifar100'``.
-        data_dir: The folder holding ``cifar-10-batches-py/`` (``cifar-100-python/``), or that folder itself.
-        cache_root: Folder holding the cache entries.
+    Attributes:
+        layout: The archive's folder, files and pickle keys.
     """
-    root = cifar.find_cifar_root(kind, data_dir)
-    key = source_fingerprint(kind, root, cifar.cifar_index_files(kind, root))
-    # no per-image files, so nothing to skip: a bad batch file fails the build whatever skip_corrupt says
-    return _load_or_build(
-        kind, key, str(root), cache_root, False, lambda work: (cifar.build_cifar_dataset(kind, root), [])
-    )
+
+    layout: CifarLayout
+
+    @property
+    def hint(self) -> str:  # type: ignore[override]
+        return f"the folder containing {self.layout.folder}/ (the extracted {self.layout.tarball})"
+
+    def recognises(self, folder: Path) -> bool:
+        if (folder / self.layout.folder).is_dir():
+            return True
+        return all((folder / name).is_file() for name in self.layout.recognised_by)
+
+    def find_root(self, data_dir: str | Path) -> Path:
+        return cifar.find_cifar_root(self.layout, data_dir)
+
+    def load(self, name: str, root: Path, cache_root: Path, skip_corrupt: bool) -> LocalLoad:
+        key = source_fingerprint(name, root, cifar.cifar_index_files(self.layout, root))
+        return _load_or_build(
+            name, key, str(root), cache_root, False, lambda work: (cifar.build_cifar_dataset(self.layout, root), [])
+        )
 
 
-def load_digits_dataset(cache_root: Path) -> LocalLoad:
-    """The scikit-learn digits demo set (see :mod:`.digits`), cached like the archives."""
-    import sklearn
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A data set built from an installed package, needing no files (the digits demo set), cached like the archives.
 
-    key = source_fingerprint(
-        "digits", Path(digits.DIGITS_SOURCE), sklearn_version=sklearn.__version__, **digits.digits_parameters()
-    )
-    return _load_or_build(
-        "digits", key, digits.DIGITS_SOURCE, cache_root, False, lambda work: (digits.build_digits_dataset(), [])
-    )
+    Attributes:
+        source: What it is read from, recorded as the info's ``source`` (``'sklearn.datasets.load_digits'``).
+        build: () -> the official splits.
+        parameters: () -> everything the built set depends on (package version included); part of its cache key.
+        note: How it comes, for the message refusing a ``data_dir`` (``'bundled with scikit-learn'``).
+    """
+
+    source: str
+    build: Callable[[], DatasetDict]
+    parameters: Callable[[], dict[str, Any]]
+    note: str
+
+    origin: ClassVar[str] = "builtin"
+
+    def load(self, name: str, cache_root: Path) -> LocalLoad:
+        """The built set, from the cache under ``name``, building the entry on a miss."""
+        key = source_fingerprint(name, Path(self.source), **self.parameters())
+        return _load_or_build(name, key, self.source, cache_root, False, lambda work: (self.build(), []))
+
+
+# what a registry entry's ``local`` may be
+LocalSource = FolderSource | BuiltinSource
 
 
 def _load_or_build(

@@ -12,8 +12,7 @@ import yaml
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from ..convert import BN_TRANSFER_POLICIES
-from ..data import DatasetError, resolve_source
-from ..data.hub import HUB_COPIES
+from ..data import DatasetError, get_dataset, list_datasets, resolve_source
 from ..errors import BNInitError, did_you_mean
 from ..norm import BatchNormGamma2d
 from ..registry import UnknownNormLayerError, resolve_norm_layer
@@ -299,8 +298,9 @@ def check_config(config: dict[str, Any]) -> None:
         kind, folder = resolve_source(config["dataset"], config["data_dir"])
     except DatasetError as error:
         raise RecipeError(f"recipe key 'dataset'/'data_dir': {error}") from None
-    if config["hub_revision"] is not None and (folder is not None or kind not in HUB_COPIES):
-        raise RecipeError(f"recipe key 'hub_revision' selects a commit of a hub copy ({', '.join(HUB_COPIES)}), but "
+    if config["hub_revision"] is not None and (folder is not None or get_dataset(kind).hub is None):
+        copies = ", ".join(name for name in list_datasets() if get_dataset(name).hub is not None)
+        raise RecipeError(f"recipe key 'hub_revision' selects a commit of a hub copy ({copies}), but "
                           f"{config['dataset']!r} is read from {'a local folder' if folder else 'elsewhere'}; drop it")
     if not timm.is_model(config["model"]):
         hint = did_you_mean(config["model"], timm.list_models())

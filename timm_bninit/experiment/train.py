@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..convert import recalibrate_bn_stats
-from ..data import load_image_dataset
+from ..data import get_dataset, load_image_dataset, resolve_source
 from ..errors import BNInitError
 from ..gammas import bn_gammas
 from ..optim import param_group_fn
@@ -125,21 +125,25 @@ def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_c
 
     The same functions build them as in a run (``build_model``, ``build_optimizer``, ``build_scheduler``), from the
     same resolved config (``protocol: official`` pins included, see ``training.config``), on the CPU and outside
-    accelerate; no data are loaded when both sizes are given. Use it to check a recipe against a paper: the
+    accelerate. No data are loaded when both sizes are given, or when the data set's registry entry declares them
+    (its hub copy or builtin set, every class: ``build_training("cifar10")``); a local folder, ``classes`` or
+    ``train_per_class`` is read to count what the run will train on. Use it to check a recipe against a paper: the
     optimizer's groups (``name``, ``lr``, ``weight_decay``, ``momentum``, ``nesterov``), the scheduler's learning
     rate per epoch (``scheduler.step(epoch)``) or per update (``scheduler.step_update(n)``), the model's init.
 
     Example::
 
-        training = timm_bninit.build_training("cifar10", num_classes=10, train_size=45_000, seed=3)
+        training = timm_bninit.build_training("cifar10", seed=3)  # 10 classes, 45,000 images: no data needed
         print(training.optimizer, [m.weight[0].item() for m in training.model.modules()
                                    if isinstance(m, torch.nn.BatchNorm2d)])
 
     Args:
         recipe: A recipe name, a .yaml path, or a resolved config.
-        num_classes: Classes of the classifier; None: read from the data set (``classes`` if the recipe sets it).
-        train_size: Training images after ``train_per_class`` and ``classes`` (sets updates per epoch, which the
-            run's loader drops the last partial batch of); None: read from the data set.
+        num_classes: Classes of the classifier; None: from the registry entry or the data set (``classes`` if the
+            recipe sets it).
+        train_size: Training images after the validation split, ``train_per_class`` and ``classes`` (sets updates per
+            epoch, which the run's loader drops the last partial batch of); None: from the registry entry or the
+            data set.
         **overrides: Recipe keys, as ``--set`` would give them (``lr=0.1``).
 
     Returns:
@@ -150,6 +154,9 @@ def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_c
     check_config(config)
     if config["classes"]:
         num_classes = len(config["classes"])
+    declared = _declared_sizes(config) if num_classes is None or train_size is None else None
+    if declared is not None:
+        num_classes, train_size = num_classes or declared[0], train_size or declared[1]
     if num_classes is None or train_size is None:
         data, info = _load_data(config, None)
         num_classes = num_classes or info.num_classes
@@ -159,6 +166,23 @@ def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_c
     optimizer = build_optimizer(config, model)
     updates = max(1, math.ceil(train_size // config["batch_size"] / config["grad_accum_steps"]))
     return Training(config, model, optimizer, build_scheduler(config, optimizer, updates), updates)
+
+
+def _declared_sizes(config: dict[str, Any]) -> tuple[int, int] | None:
+    """``(classes, training images)`` a run of ``config`` sees, from the data set's registry entry alone.
+
+    None when only the data can tell: a ``classes`` or ``train_per_class`` subset, a local folder (whatever it holds;
+    the local readers do not check the official sizes, and ``skip_corrupt`` may leave images out), or an entry that
+    declares no sizes (``imagefolder``).
+    """
+    if config["classes"] or config["train_per_class"] is not None:
+        return None
+    kind, folder = resolve_source(config["dataset"], config["data_dir"])
+    spec = get_dataset(kind)
+    train_size = spec.train_size(config["val_fraction"])
+    if folder is not None or spec.num_classes is None or train_size is None:
+        return None
+    return spec.num_classes, train_size
 
 
 def _as_text(value: Any) -> str:
