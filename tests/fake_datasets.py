@@ -290,6 +290,42 @@ def _write_hub_card(path: Path, repo: FakeHubRepo, with_bbox: bool) -> None:
     _write_lines(path, lines)
 
 
+# A source with an official validation split, one Parquet shard per split, as datasets' Parquet conversion writes it
+STAND_IN_CLASSES = ("circle", "square", "triangle")
+STAND_IN_SHARDS = {"train": 1, "validation": 1, "test": 1}
+
+
+def make_validation_hub_repo(
+    folder: Path,
+    class_names: tuple[str, ...] = STAND_IN_CLASSES,
+    per_class: dict[str, int] | None = None,
+    label_of_row=None,
+) -> FakeHubRepo:
+    """A stand-in of a hub repository whose source ships train, validation and test splits.
+
+    ``folder/data/{train,validation,test}-00000-of-00001.parquet`` (16x16 images embedded, ``label`` a ClassLabel)
+    and a dataset card, via :func:`make_hub_repo`. ``per_class`` defaults to 8 train, 3 validation and 3 test rows
+    per class; ``label_of_row`` as there.
+    """
+    counts = {"train": 8, "validation": 3, "test": 3, **(per_class or {})}
+    return make_hub_repo(folder, class_names, STAND_IN_SHARDS, per_class=counts, label_of_row=label_of_row)
+
+
+def stand_in_spec(name: str, repo: FakeHubRepo, **changes):
+    """The registry entry a user would write for ``repo``: its hub copy (the folder, each split's Parquet files),
+    its official splits and their sizes (validation included), its class count. ``changes`` replace fields."""
+    from timm_bninit.data.registry import DatasetSpec, HubCopy
+
+    fields = {
+        "name": name,
+        "num_classes": len(repo.class_names),
+        "split_sizes": repo.split_sizes,
+        "hub": HubCopy(str(repo.folder), None, data_files={split: f"data/{split}-*.parquet" for split in repo.labels}),
+        **changes,
+    }
+    return DatasetSpec(**fields)
+
+
 def tiny_config(data_root: Path, cache: Path, **changes) -> dict:
     """The demo recipe on the ``tiny_data`` imagefolder (conftest.py): test_resnet, 16 px, 2 epochs, seconds a run."""
     from timm_bninit.experiment.recipe import load_recipe

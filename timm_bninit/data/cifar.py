@@ -7,6 +7,8 @@ Layouts, as extracted from ``cifar-10-python.tar.gz`` and ``cifar-100-python.tar
 - CIFAR-100: ``cifar-100-python/`` with ``train`` (50,000), ``test`` (10,000) and ``meta`` (``fine_label_names``,
   ``coarse_label_names``).
 
+Each is a :class:`CifarLayout` in its registry entry (:mod:`.registry`, ``cifar10`` and ``cifar100``).
+
 Each batch file is a pickled dict (written by Python 2, so its keys load as ``bytes`` with ``encoding='bytes'``)
 holding ``data``, a uint8 array of shape (N, 3072), and the labels (``labels``; ``fine_labels`` and
 ``coarse_labels`` for CIFAR-100). A row is one 32x32 image stored as three 1024-value planes, red, green, blue, each
