@@ -13,10 +13,10 @@ from scipy import stats
 from timm_bninit.experiment.report import holm
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+STUDIES = ROOT / "studies"
 # (study folder, part): v1 and v3 have both parts in the README verbatim; v2 ran part 1 only, shown with its CIs
-IN_README = [("study", "scratch"), ("study", "finetune"), ("study-v3", "scratch"), ("study-v3", "finetune")]
-ALL_PARTS = [*IN_README, ("study-v2", "scratch")]
+IN_README = [("v1", "scratch"), ("v1", "finetune"), ("v3", "scratch"), ("v3", "finetune")]
+ALL_PARTS = [*IN_README, ("v2", "scratch")]
 
 
 def _table(markdown: str) -> str:
@@ -25,19 +25,19 @@ def _table(markdown: str) -> str:
 
 @pytest.mark.parametrize(("study", "part"), IN_README)
 def test_readme_shows_the_committed_report(study, part):
-    table = _table((DOCS / study / part / "report.md").read_text().split("### Power")[0])
+    table = _table((STUDIES / study / part / "report.md").read_text().split("### Power")[0])
     readme = (ROOT / "README.md").read_text()
-    assert table and table in readme, f"README's {part} table differs from docs/{study}/{part}"
+    assert table and table in readme, f"README's {part} table differs from studies/{study}/{part}"
 
 
 @pytest.mark.parametrize(("study", "part"), ALL_PARTS)
 def test_report_statistics_rederived_from_summaries(study, part):
-    summaries = json.loads((DOCS / study / part / "summaries.json").read_text())
+    summaries = json.loads((STUDIES / study / part / "summaries.json").read_text())
     assert len({r["seed"] for r in summaries}) == 15
     values: dict[str, dict[int, float]] = {}
     for run in summaries:
         values.setdefault(run["method"], {})[run["seed"]] = run["test_acc_at_best_val"]
-    with open(DOCS / study / part / "report.csv") as handle:
+    with open(STUDIES / study / part / "report.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(rows) == set(values)
     seeds = sorted(values["base"])
