@@ -28,7 +28,7 @@ before and after each part is printed: on a machine shared with other jobs a fig
 
 Example::
 
-    python benchmarks/bench_distributed.py               # the run quoted in benchmarks/README.md (~6 min)
+    python benchmarks/bench_distributed.py               # the run in benchmarks/HISTORY.md (~6 min)
     python benchmarks/bench_distributed.py --quick       # smoke run: test_resnet, 1 round
     python benchmarks/bench_distributed.py --one-process --rounds 10   # (b) without a peer: compute, no communication
 """

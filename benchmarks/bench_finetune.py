@@ -31,7 +31,7 @@ with a breakdown of decode, transform and the per-sample seeding.
 Example::
 
     python benchmarks/bench_finetune.py                 # resnet18, 64 px, batch 32, 10 steps x 2 epochs, 3 rounds
-    python benchmarks/bench_finetune.py --steps 8 --rounds 5   # the run quoted in benchmarks/README.md
+    python benchmarks/bench_finetune.py --steps 8 --rounds 5   # the run in benchmarks/HISTORY.md
     python benchmarks/bench_finetune.py --workers 0 2 --threads 2
     python benchmarks/bench_finetune.py --quick         # smoke run: test_resnet, 1 round
 """

@@ -13,7 +13,7 @@ and samples the peak memory of each process tree every ``--poll`` seconds: the s
 the script and its DataLoader workers (a page shared after ``fork`` is split among its sharers instead of counted
 once per process, as a sum of resident sets would). One such sample reads ``/proc/<pid>/smaps_rollup`` of five
 processes of ~1 GiB and costs ≈ 0.1 s of CPU here: at 4 samples a second that is ≈ 0.4 of this machine's 2 cores,
-which slowed the sampled script by ≈ 8 % (benchmarks/README.md), so memory rounds are never timed.
+which slowed the sampled script by ≈ 8 % (benchmarks/HISTORY.md), so memory rounds are never timed.
 
 timm's ``train.py`` is not in timm's PyPI packages. Get it from timm's source repository at a commit whose API
 matches the installed timm, and pass its path::

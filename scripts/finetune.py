@@ -10,7 +10,7 @@ import sys
 # process. Collecting cycles while they load costs ~0.9 s of start-up here (7 full collections), and every later
 # full collection, including the one at exit (~1.1 s), walks them all again. So collect nothing while importing, then
 # move what was imported out of the collector's reach (gc.freeze): that also keeps forked DataLoader workers from
-# copying the pages the collector would otherwise write to. Measured in benchmarks/README.md (against timm).
+# copying the pages the collector would otherwise write to. Measured in benchmarks/HISTORY.md (against timm).
 gc.disable()
 from timm_bninit.experiment.cli import finetune_main  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The reproduction study in one command: ``python scripts/study.py`` (see the README's "Reproduction study").
+"""A study in one command: ``python scripts/study.py studies/v3`` (runs under runs/studies/v3, reports into
+studies/v3; see docs/studies.md).
 
 A thin command line over :func:`timm_bninit.experiment.cli.study_main`; see ``--help``.
 """

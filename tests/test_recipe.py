@@ -39,7 +39,10 @@ def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
 def test_every_shipped_recipe_loads_with_known_keys():
     names = list_recipes()
     assert {"demo", "cub", "cars", "cub_scratch", "cars_scratch", "cifar10", "cifar100"} <= set(names)
-    for name in names:
+    assert not [name for name in names if "study" in name]  # recipes/ holds the user recipes; studies hold theirs
+    study_recipes = sorted((ROOT / "studies").glob("*/recipes/*.yaml"))
+    assert len(study_recipes) == 9  # v1, v2, v3: scratch, pretrain, finetune
+    for name in [*names, *study_recipes]:
         config = load_recipe(name)
         assert set(config) == set(DEFAULTS) | {"recipe"}
         assert timm.is_model(config["model"]), name

@@ -1,6 +1,8 @@
-"""The study command on a tiny protocol: parts, pretraining, reports and summaries in docs/, resume."""
+"""The study command on a tiny protocol: parts, pretraining, reports and summaries in the study's folder, resume;
+protocols name their recipes relative to themselves, and every committed study still plans."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +10,12 @@ import yaml
 from fake_datasets import make_imagefolder
 from scipy import stats
 
-from timm_bninit.experiment.recipe import RecipeError
+from timm_bninit.experiment.cli import study_dirs
+from timm_bninit.experiment.recipe import RecipeError, load_recipe
 from timm_bninit.experiment.study import load_protocol, run_study
+from timm_bninit.experiment.sweep import parse_seeds, plan_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -24,7 +30,7 @@ def test_tiny_study_end_to_end(tmp_path):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     protocol = tmp_path / "study.yaml"
     protocol.write_text(yaml.safe_dump({"seeds": "1-2", "parts": {
-        "scratch": {"recipe": str(tmp_path / "scratch.yaml"), "lr": [0.05],
+        "scratch": {"recipe": "scratch.yaml", "lr": [0.05],  # relative to the protocol; the others absolute
                     "methods": ["base", "bn_gamma1+gamma_init=0.269+gamma_lr_div=1"]},
         "finetune": {"recipe": str(tmp_path / "finetune.yaml"), "pretrain": str(tmp_path / "pretrain.yaml"),
                      "lr": [0.01], "methods": ["base", "bn_gamma01+bn_transfer=scale"]}}}))
@@ -55,7 +61,50 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_protocol_errors(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_protocol(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="nope-folder/protocol.yaml' does not exist"):  # a folder without one
+        (tmp_path / "nope-folder").mkdir()
+        load_protocol(tmp_path / "nope-folder")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"seeds": "1-2", "parts": {"a": {"recipe": "demo", "lr": [0.1]}}}))
     with pytest.raises(RecipeError, match="part 'a' lacks methods"):
         load_protocol(bad)
+
+
+def test_a_protocol_names_its_recipes_relative_to_itself(tmp_path, monkeypatch):
+    study = tmp_path / "studies" / "v9"
+    (study / "recipes").mkdir(parents=True)
+    (study / "recipes" / "scratch.yaml").write_text("epochs: 1\n")
+    elsewhere = tmp_path / "pretrain.yaml"
+    (study / "protocol.yaml").write_text(yaml.safe_dump({"seeds": "1-2", "parts": {
+        "a": {"recipe": "recipes/scratch.yaml", "lr": [0.1], "methods": ["base"]},
+        "b": {"recipe": "demo", "pretrain": str(elsewhere), "lr": [0.1], "methods": ["base"]}}}))
+    monkeypatch.chdir(tmp_path / "studies")  # a relative path is the protocol's, not the working directory's
+    for given in ("v9", "v9/protocol.yaml", study):
+        parts = load_protocol(given)["parts"]
+        assert Path(parts["a"]["recipe"]).resolve() == study / "recipes" / "scratch.yaml"
+        assert load_recipe(parts["a"]["recipe"])["epochs"] == 1
+        assert parts["b"]["recipe"] == "demo" and parts["b"]["pretrain"] == str(elsewhere)  # a name, an absolute path
+
+
+def test_a_study_runs_under_runs_and_reports_into_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "studies" / "v9").mkdir(parents=True)
+    (tmp_path / "studies" / "v9" / "protocol.yaml").write_text("seeds: 1\nparts: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert study_dirs("studies/v9") == (Path("runs/studies/v9"), Path("studies/v9"))
+    assert study_dirs("studies/v9/protocol.yaml") == (Path("runs/studies/v9"), Path("studies/v9"))
+    assert study_dirs("studies/v9", "elsewhere", "reports") == (Path("elsewhere"), Path("reports"))
+    outside = tmp_path.parent / "outside-study"
+    assert study_dirs(str(outside / "p.yaml")) == (Path("runs/outside-study"), outside)
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2", "v2/pilot.yaml", "v3"])
+def test_every_committed_study_plans_from_its_own_folder(protocol):
+    study = ROOT / "studies" / protocol
+    loaded = load_protocol(study)
+    folder = study if study.is_dir() else study.parent
+    for part in loaded["parts"].values():
+        for key in ("recipe", "pretrain"):
+            if part.get(key):
+                assert Path(part[key]).parent == folder / "recipes" and Path(part[key]).is_file()
+        specs = plan_sweep(part["recipe"], part["methods"], part["lr"], parse_seeds(loaded["seeds"]), "unused")
+        assert len(specs) == len(part["methods"]) * len(part["lr"]) * len(parse_seeds(loaded["seeds"]))

@@ -1,5 +1,6 @@
-"""The study's published numbers are exactly what its command produced: the README's tables are the committed
-reports, and every statistic in them is re-derived here from the committed run summaries with scipy."""
+"""The studies' published numbers are exactly what their command produced: the tables each study's page
+(studies/vN/README.md) shows are the committed reports, and every statistic in them is re-derived here from the
+committed run summaries with scipy."""
 
 import csv
 import json
@@ -13,31 +14,30 @@ from scipy import stats
 from timm_bninit.experiment.report import holm
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
-# (study folder, part): v1 and v3 have both parts in the README verbatim; v2 ran part 1 only, shown with its CIs
-IN_README = [("study", "scratch"), ("study", "finetune"), ("study-v3", "scratch"), ("study-v3", "finetune")]
-ALL_PARTS = [*IN_README, ("study-v2", "scratch")]
+STUDIES = ROOT / "studies"
+# (study folder, part): every part of every study, each shown verbatim on its study's page (v2 ran part 1 only)
+ALL_PARTS = [("v1", "scratch"), ("v1", "finetune"), ("v2", "scratch"), ("v3", "scratch"), ("v3", "finetune")]
 
 
 def _table(markdown: str) -> str:
     return "\n".join(line for line in markdown.splitlines() if line.startswith("|"))
 
 
-@pytest.mark.parametrize(("study", "part"), IN_README)
-def test_readme_shows_the_committed_report(study, part):
-    table = _table((DOCS / study / part / "report.md").read_text().split("### Power")[0])
-    readme = (ROOT / "README.md").read_text()
-    assert table and table in readme, f"README's {part} table differs from docs/{study}/{part}"
+@pytest.mark.parametrize(("study", "part"), ALL_PARTS)
+def test_the_study_page_shows_the_committed_report(study, part):
+    table = _table((STUDIES / study / part / "report.md").read_text().split("### Power")[0])
+    page = (STUDIES / study / "README.md").read_text()
+    assert table and table in page, f"studies/{study}/README.md's {part} table differs from studies/{study}/{part}"
 
 
 @pytest.mark.parametrize(("study", "part"), ALL_PARTS)
 def test_report_statistics_rederived_from_summaries(study, part):
-    summaries = json.loads((DOCS / study / part / "summaries.json").read_text())
+    summaries = json.loads((STUDIES / study / part / "summaries.json").read_text())
     assert len({r["seed"] for r in summaries}) == 15
     values: dict[str, dict[int, float]] = {}
     for run in summaries:
         values.setdefault(run["method"], {})[run["seed"]] = run["test_acc_at_best_val"]
-    with open(DOCS / study / part / "report.csv") as handle:
+    with open(STUDIES / study / part / "report.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(rows) == set(values)
     seeds = sorted(values["base"])

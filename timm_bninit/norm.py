@@ -504,7 +504,7 @@ class _BlendedStdBase(_CalibratedBase):
 
     ``y = (x − μ_B) / (α·σ_prev + (1 − α)·σ_B) + β`` with α = ``prev_std_weight``.
 
-    Decisions (also in the README):
+    Decisions (also in docs/guide/layers.md):
 
     * σ_B = sqrt(var_B + ε): ε sits inside the square root, exactly where BN puts it; var_B is the biased batch
       variance, as BN normalises with.

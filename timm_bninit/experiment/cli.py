@@ -21,7 +21,7 @@ from .train import run_finetune
 # compare.py's and study.py's modules (report, power, sweep, study) are imported where those commands start: at the
 # top they would bring scipy and submitit into every finetune.py process (measured: ~60 MiB RSS, 0.6-1 s start-up)
 
-__all__ = ["compare_main", "finetune_main", "study_main"]
+__all__ = ["compare_main", "finetune_main", "study_dirs", "study_main"]
 
 
 def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
@@ -180,21 +180,33 @@ def compare_main(argv: list[str] | None = None) -> int:
     return 1 if unfinished else 0
 
 
+def study_dirs(study: str, out: str | None = None, report_dir: str | None = None) -> tuple[Path, Path]:
+    """Where a study's runs and reports go: ``runs/<its folder>`` (``runs/studies/v3``) and the study's folder."""
+    folder = Path(study) if Path(study).is_dir() else Path(study).parent
+    try:
+        runs = Path("runs") / folder.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:  # a study folder outside the working directory
+        runs = Path("runs") / folder.resolve().name
+    return Path(out) if out else runs, Path(report_dir) if report_dir else folder
+
+
 @_one_line_errors
 def study_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="study.py",
-        description="Run a reproduction study (a protocol of sweeps in studies/*.yaml) and write its tables, plots "
-                    "and run summaries into docs/. Running it again resumes; finished runs are never re-run.")
-    parser.add_argument("--protocol", default="studies/digits.yaml", help="the study protocol")
-    parser.add_argument("--out", default="runs/study", help="where the runs go")
-    parser.add_argument("--docs", default="docs/study", help="where the reports and summaries go")
+        description="Run a reproduction study (a folder such as studies/v3: protocol.yaml, the recipes it names) and "
+                    "write its tables, plots and run summaries into that folder. Running it again resumes; finished "
+                    "runs are never re-run.")
+    parser.add_argument("study", help="the study's folder (its protocol.yaml), or a protocol .yaml file")
+    parser.add_argument("--out", help="where the runs go (default: runs/<the study's folder>, e.g. runs/studies/v3)")
+    parser.add_argument("--report-dir", help="where the reports and run summaries go (default: the study's folder)")
     parser.add_argument("--parallel", type=int, default=2, help="runs side by side (default 2: one per core here)")
     parser.add_argument("--data-cache-dir", help="cache for built data sets")
     args = parser.parse_args(argv)
     from .study import run_study
 
-    record = run_study(args.protocol, args.out, args.docs, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
+    out, report_dir = study_dirs(args.study, args.out, args.report_dir)
+    record = run_study(args.study, out, report_dir, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
     print(f"study finished in {record['wall_seconds_this_invocation'] / 60:.1f} min on {record['machine']['cores']} "
-          f"cores ({record['machine']['cpu']}); reports in {args.docs}")
+          f"cores ({record['machine']['cpu']}); reports in {report_dir}")
     return 0

@@ -52,6 +52,7 @@ SUBMITIT_DIR = "submitit"           # in a sweep: submitit's folders (job script
 JOBS_FILE = "jobs.json"             # in SUBMITIT_DIR: run directory (relative to the sweep) -> its last Slurm job
 SUMMARY_FILE = "summaries.json"     # a study part's run summaries
 STUDY_FILE = "study.json"           # a study's record: protocol, seeds, wall time, machine
+PROTOCOL_FILE = "protocol.yaml"      # a study folder's protocol: seeds and parts (recipe, lr, methods)
 
 # Keys of final.json, as a run writes them; the report's metrics are two of them
 FINAL_KEYS = ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "selection",

@@ -1,6 +1,7 @@
-"""A reproduction study in one command: a protocol file (``studies/*.yaml``) of sweeps, run resumably, reported into
-``docs/``. Each part is an ordinary sweep (:mod:`.sweep`); a part with ``pretrain`` first trains that
-recipe once and fine-tunes every run of the part from its best-validation weights."""
+"""A reproduction study in one command: a study folder (``studies/v3/``: ``protocol.yaml``, the recipes it names, its
+reports) whose protocol is a set of sweeps, run resumably and reported into that folder. Each part is an ordinary
+sweep (:mod:`.sweep`); a part with ``pretrain`` first trains that recipe once and fine-tunes every run of the part
+from its best-validation weights."""
 
 from __future__ import annotations
 
@@ -20,13 +21,25 @@ from .report import write_report
 from .sweep import parse_seeds, plan_sweep, run_sweep
 from .train import run_finetune
 
-__all__ = ["load_protocol", "run_study"]
+__all__ = ["load_protocol", "protocol_file", "run_study"]
 
 
-def load_protocol(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+def protocol_file(study: str | os.PathLike) -> Path:
+    """The protocol of a study: ``study`` itself when it is a file, else the ``protocol.yaml`` of that folder."""
+    path = Path(study)
+    return path / layout.PROTOCOL_FILE if path.is_dir() else path
+
+
+def load_protocol(study: str | os.PathLike) -> dict[str, Any]:
+    """A study's protocol (a folder or its protocol file), each part's ``recipe`` and ``pretrain`` resolved.
+
+    A recipe given as a relative ``.yaml`` path is relative to the protocol file, so a study folder holds its own
+    recipes and moves as a whole; a name (``demo``) is a recipe of ``recipes/``, an absolute path stays as it is.
+    """
+    path = protocol_file(study)
     if not path.is_file():
-        raise RecipeError(f"study protocol {str(path)!r} does not exist (see studies/*.yaml)")
+        raise RecipeError(f"study protocol {str(path)!r} does not exist (give a study folder holding "
+                          f"{layout.PROTOCOL_FILE}, such as studies/v3, or a protocol .yaml file)")
     protocol = yaml.safe_load(path.read_text())
     if not isinstance(protocol, dict) or not isinstance(protocol.get("parts"), dict) or "seeds" not in protocol:
         raise RecipeError(f"{path}: a study protocol needs 'seeds' and a mapping 'parts' of part name -> "
@@ -35,6 +48,10 @@ def load_protocol(path: str | os.PathLike) -> dict[str, Any]:
         missing = {"recipe", "lr", "methods"} - set(part)
         if missing:
             raise RecipeError(f"{path}: part {name!r} lacks {', '.join(sorted(missing))}")
+        for key in ("recipe", "pretrain"):
+            given = Path(str(part.get(key) or ""))
+            if given.suffix and not given.is_absolute():
+                part[key] = str(path.parent / given)
     return protocol
 
 
@@ -55,7 +72,8 @@ def _summaries(out: Path) -> list[dict[str, Any]]:
 
 def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: str | os.PathLike, *,
               parallel: int = 2, data_cache_dir: str | None = None, log=print) -> dict[str, Any]:
-    """Run (or resume) every part of a study, then write each part's report and run summaries into ``docs``."""
+    """Run (or resume) every part of a study (a folder or its protocol file), then write each part's report and run
+    summaries into ``docs`` (the study's folder, from ``scripts/study.py``)."""
     protocol = load_protocol(protocol_path)
     out, docs = Path(out), Path(docs)
     seeds = parse_seeds(protocol["seeds"])
