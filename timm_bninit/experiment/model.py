@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from ..convert import BNTransferWarning
+from ..errors import RecipeError
 from ..factory import create_model
 from ..gammas import bn_gammas
 from ..pretrained import load_pretrained
 from ..registry import get_norm_layer
 from .protocol import apply_protocol
-from .recipe import RecipeError
 from .seeding import rng_scope, seed_for
 
 __all__ = ["build_model", "cifar_stem"]

@@ -14,7 +14,7 @@ from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_w
 from ..convert import BN_TRANSFER_POLICIES
 from ..data import DatasetError, resolve_source
 from ..data.hub import HUB_COPIES
-from ..errors import BNInitError, did_you_mean
+from ..errors import RecipeError, did_you_mean
 from ..norm import BatchNormGamma2d
 from ..registry import UnknownNormLayerError, resolve_norm_layer
 from .loaders import resize_crop_size
@@ -89,10 +89,6 @@ DEFAULTS: dict[str, Any] = {
     "sync_bn": False,             # with several processes: batch statistics of every norm layer over all of them
     "log_with": None,             # also hand metrics to accelerate's trackers: tensorboard | wandb | mlflow | all
 }
-
-
-class RecipeError(BNInitError, ValueError):
-    """A recipe or override that cannot be used; the message names the valid choices."""
 
 
 def recipe_dir() -> Path:
