@@ -1,5 +1,6 @@
 """Recipes: loading, overrides read as the type their key expects, and every bad value refused in one line."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,18 +9,18 @@ import pytest
 import timm
 
 from timm_bninit.experiment.cli import finetune_main
-from timm_bninit.experiment.recipe import DEFAULTS, SCHEMA, RecipeError, apply_overrides, list_recipes, load_recipe
+from timm_bninit.experiment.recipe import KEYS, Recipe, RecipeError, apply_overrides, list_recipes, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
     config = load_recipe("demo")
-    assert config["recipe"] == "demo" and config["dataset"] == "digits"
+    assert config.recipe == "demo" and config.dataset == "digits"
     config = apply_overrides(config, ["lr=1e-3", "norm_layer=rbn", "epochs=3", "gamma_lr_div=50", "ema=true"])
-    assert config["lr"] == 0.001 and isinstance(config["lr"], float)
-    assert config["norm_layer"] == "rbn" and config["epochs"] == 3 and config["gamma_lr_div"] == 50
-    assert config["ema"] is True
+    assert config.lr == 0.001 and isinstance(config.lr, float)
+    assert config.norm_layer == "rbn" and config.epochs == 3 and config.gamma_lr_div == 50
+    assert config.ema is True
     with pytest.raises(RecipeError, match="unknown recipe key 'weight_decy'. Did you mean 'weight_decay'"):
         apply_overrides(config, ["weight_decy=0.1"])
     with pytest.raises(RecipeError, match="Valid keys: .*augmentation.*weight_decay"):
@@ -41,20 +42,20 @@ def test_every_shipped_recipe_loads_with_known_keys():
     assert {"demo", "cub", "cars", "cub_scratch", "cars_scratch", "cifar10", "cifar100"} <= set(names)
     for name in names:
         config = load_recipe(name)
-        assert set(config) == set(DEFAULTS) | {"recipe"}
-        assert timm.is_model(config["model"]), name
+        assert set(config.to_dict()) == set(KEYS) | {"recipe"}
+        assert timm.is_model(config.model), name
 
 
 def test_values_are_read_as_the_type_their_key_expects():
     config = load_recipe("cub")
-    assert apply_overrides(config, ["mixed_precision=no"])["mixed_precision"] == "no"  # not YAML 1.1's False
-    assert apply_overrides(config, ["ema=no"])["ema"] is False
-    assert apply_overrides(config, ["gamma_lr_div=null"])["gamma_lr_div"] is None
-    assert apply_overrides(config, ["gamma_lr_div=100"])["gamma_lr_div"] == 100.0
-    assert apply_overrides(config, ["pretrained=resnet50.a1_in1k"])["pretrained"] == "resnet50.a1_in1k"
-    assert apply_overrides(config, ["pretrained=false"])["pretrained"] is False
-    assert apply_overrides(config, ["classes=[3, 1]"])["classes"] == [3, 1]
-    assert apply_overrides(config, ["norm_layer=null"])["norm_layer"] is None
+    assert apply_overrides(config, ["mixed_precision=no"]).mixed_precision == "no"  # not YAML 1.1's False
+    assert apply_overrides(config, ["ema=no"]).ema is False
+    assert apply_overrides(config, ["gamma_lr_div=null"]).gamma_lr_div is None
+    assert apply_overrides(config, ["gamma_lr_div=100"]).gamma_lr_div == 100.0
+    assert apply_overrides(config, ["pretrained=resnet50.a1_in1k"]).pretrained == "resnet50.a1_in1k"
+    assert apply_overrides(config, ["pretrained=false"]).pretrained is False
+    assert apply_overrides(config, ["classes=[3, 1]"]).classes == [3, 1]
+    assert apply_overrides(config, ["norm_layer=null"]).norm_layer is None
 
 
 # For every key: a value of the wrong type, and one of the right type but out of range (None where the type admits
@@ -82,7 +83,7 @@ BAD_VALUES = {
 
 
 def test_the_bad_value_table_covers_every_key():
-    assert set(BAD_VALUES) == set(DEFAULTS) == set(SCHEMA)
+    assert set(BAD_VALUES) == set(KEYS) == {f.name for f in dataclasses.fields(Recipe)} - {"recipe"}
 
 
 def _cli_error(tmp_path, capsys, key, value):

@@ -30,7 +30,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
-from .recipe import RecipeError, apply_overrides, check_config, load_recipe
+from .recipe import Recipe, RecipeError, apply_overrides, check_config, load_recipe
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -44,7 +44,7 @@ class RunSpec:
     lr: float
     seed: int
     run_dir: str
-    config: dict[str, Any]
+    config: Recipe
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -101,7 +101,7 @@ def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float] |
     base = apply_overrides(load_recipe(recipe), overrides)
     specs = []
     for method, method_overrides in parse_methods(methods).items():
-        for lr in lrs or [base["lr"]]:
+        for lr in lrs or [base.lr]:
             for seed in seeds:
                 config = apply_overrides(base, [*method_overrides, f"lr={lr!r}", f"seed={seed}"])
                 check_config(config)
@@ -343,6 +343,6 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
 
 def _write_plan(out: Path, specs: Sequence[RunSpec]) -> None:
     """Record the grid, so ``report`` knows every run that should exist (and can name the missing ones)."""
-    layout.write_plan(out, [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config["recipe"],
-                             "dataset": s.config["dataset"], "run_dir": os.path.relpath(s.run_dir, out)}
+    layout.write_plan(out, [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config.recipe,
+                             "dataset": s.config.dataset, "run_dir": os.path.relpath(s.run_dir, out)}
                             for s in specs])
