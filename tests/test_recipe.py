@@ -9,7 +9,15 @@ import pytest
 import timm
 
 from timm_bninit.experiment.cli import finetune_main
-from timm_bninit.experiment.recipe import KEYS, Recipe, RecipeError, apply_overrides, list_recipes, load_recipe
+from timm_bninit.experiment.recipe import (
+    GROUPS,
+    KEYS,
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +133,32 @@ def test_bad_values_through_the_script_print_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: recipe key 'gamma_lr_div' expects a number > 0, or null, got 'abc'"]
+
+
+def test_list_keys_prints_every_declared_key_from_its_declaration(capsys):
+    assert finetune_main(["--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == [f"{group}:" for group in GROUPS]
+    group, listed = None, {}  # key -> (group, its line, its help as printed)
+    for line in lines:
+        if not line.startswith(" "):
+            group = line[:-1]
+        elif not line.startswith("      "):
+            name = line.split(":")[0].strip()
+            listed[name] = [group, line, ""]
+        else:
+            listed[name][2] = f"{listed[name][2]} {line.strip()}".strip()
+    declared = [f for f in dataclasses.fields(Recipe) if f.name != "recipe"]
+    assert list(listed) == [f.name for f in declared]  # every key, in the order of the declaration
+    for f in declared:
+        group, line, text = listed[f.name]
+        assert group == f.metadata["group"] and text == f.metadata["help"], f.name
+        assert line.startswith(f"  {f.name}: {f.type} = "), line  # the declared type as written
+        assert f.metadata["check"].words in line, line
+        # the default is printed as --set text that reads back as the declared default
+        shown = line.split(" = ", 1)[1].split("    accepts ")[0]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert getattr(apply_overrides(Recipe(), [f"{f.name}={shown}"]), f.name) == default, line
 
 
 def test_cars_steps_the_lr_where_its_baseline_does():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,7 @@ from ..registry import UnknownNormLayerError, resolve_norm_layer
 
 __all__ = ["Recipe", "RecipeKey", "KEYS", "GROUPS", "OFFICIAL_PROTOCOL", "RecipeError", "key", "check_config",
            "recipe_dir", "list_recipes", "load_recipe", "recipe_from_mapping", "apply_overrides",
-           "resize_crop_size", "resize_crop_problem"]
+           "keys_text", "resize_crop_size", "resize_crop_problem"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +335,25 @@ def _coerce(name: str, value: Any) -> Any:
 def _unknown_key(name: str) -> RecipeError:
     hint = did_you_mean(name, list(KEYS))
     return RecipeError(f"unknown recipe key {name!r}. {hint} Valid keys: {', '.join(sorted(KEYS))}")
+
+
+def _text(value: Any) -> str:
+    """A value as ``--set`` and YAML write it."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_text, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def keys_text() -> str:
+    """Every key with its type, default, accepted values and help, in its group (``finetune.py --list-keys``)."""
+    lines = []
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for spec in (s for s in KEYS.values() if s.group == group):
+            lines.append(f"  {spec.name}: {spec.annotation} = {_text(spec.default)}    accepts "
+                         f"{_describe(spec.kind, spec.check.words)}")
+            lines += textwrap.wrap(spec.help, width=116, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
