@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import yaml
 
 from timm_bninit.experiment.cli import finetune_main
 from timm_bninit.experiment.recipe import (
@@ -17,6 +18,7 @@ from timm_bninit.experiment.recipe import (
     apply_overrides,
     list_recipes,
     load_recipe,
+    recipe_from_mapping,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +54,21 @@ def test_every_shipped_recipe_loads_with_known_keys():
         config = load_recipe(name)
         assert set(config.to_dict()) == set(KEYS) | {"recipe"}
         assert timm.is_model(config.model), name
+
+
+def test_a_run_config_reads_back_as_the_recipe_it_was_written_from():
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        assert recipe_from_mapping(yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=True))) == recipe
+    written = load_recipe("demo").to_dict()
+    del written["fused_optimizer"]  # a config.yaml from before the key existed
+    assert recipe_from_mapping(written).fused_optimizer is True
+    with pytest.raises(RecipeError, match=r"^in run/config.yaml: unknown recipe key 'epoch'. Did you mean 'epochs'"):
+        recipe_from_mapping({**written, "epoch": 3}, "in run/config.yaml")
+    with pytest.raises(RecipeError, match="recipe key 'lr' expects a number > 0, got -1"):
+        recipe_from_mapping({**written, "lr": -1})
+    with pytest.raises(RecipeError, match="protocol 'official' sets min_lr=1e-08"):
+        recipe_from_mapping({"protocol": "official", "min_lr": 0.5})
 
 
 def test_values_are_read_as_the_type_their_key_expects():

@@ -18,7 +18,7 @@ from timm.data import create_transform
 import timm_bninit as tb
 from timm_bninit.data import DatasetError, load_image_dataset
 from timm_bninit.experiment.cli import finetune_main
-from timm_bninit.experiment.layout import RunError
+from timm_bninit.experiment.layout import RunError, write_config
 from timm_bninit.experiment.loaders import SeededImageDataset
 from timm_bninit.experiment.model import build_model
 from timm_bninit.experiment.recipe import RecipeError
@@ -92,6 +92,23 @@ def test_finished_run_is_never_overwritten(tiny_data, tmp_path):
         run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
     assert run_finetune(config, run_dir, resume=True, quiet=True, data_cache_dir=tmp_path / "cache") == final
     assert (run_dir / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_a_resume_reads_the_run_config_back_and_refuses_another_recipe(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(run_dir, config)  # a run interrupted before its first checkpoint
+    changed = r"started with another recipe \(lr: 0.05 there, 0.1 now; seed: 1 there, 2 now\)"
+    with pytest.raises(RunError, match=changed):
+        run_finetune(replace(config, lr=0.1, seed=2), run_dir, resume=True, quiet=True)
+    assert [path.name for path in run_dir.iterdir()] == ["config.yaml"]  # refused before any work
+    # a config.yaml from before a key existed: the key reads back as its default, so the same recipe resumes
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["fused_optimizer"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    final = run_finetune(config, run_dir, resume=True, quiet=True, data_cache_dir=tmp_path / "cache")
+    assert final["epochs"] == 1 and yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
 
 
 def test_errors_come_before_any_training(tiny_data, tmp_path, capsys):

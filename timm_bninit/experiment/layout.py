@@ -36,7 +36,7 @@ __all__ = [
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
     "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
-    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_error",
+    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_config", "read_error",
     "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
     "check_new_run_dir",
 ]
@@ -89,8 +89,18 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_config(run_dir: Path, config: Recipe) -> None:
-    """``config.yaml``: every key of the recipe and its source, sorted."""
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    """``config.yaml``: every key of the recipe and its source, sorted; written whole or not at all, since a
+    resume reads it back."""
+    path = run_dir / CONFIG_FILE
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A run's ``config.yaml`` as written (key -> value), or None when it has none; the recipe module checks it."""
+    path = Path(run_dir) / CONFIG_FILE
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def run_status(run_dir: str | os.PathLike) -> str:

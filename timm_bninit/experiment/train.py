@@ -42,7 +42,7 @@ from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
 from .model import build_model
 from .protocol import train_per_class_subset
-from .recipe import Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
+from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
 from .seeding import seed_for
 
 __all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "build_scheduler", "run_finetune",
@@ -384,6 +384,21 @@ def final_gammas(model: nn.Module) -> dict[str, list[float]]:
     return {name: gamma.detach().float().cpu().tolist() for name, _, gamma in bn_gammas(model)}
 
 
+def _check_recorded_config(config: Recipe, run_dir: Path) -> None:
+    """A resumed run goes on under the recipe it started with (its ``config.yaml``, read back through the recipe's
+    checks; a key added since takes its default); another recipe is refused, never mixed into one run."""
+    recorded = layout.read_config(run_dir)
+    if recorded is None:
+        return
+    recorded = recipe_from_mapping(recorded, f"in {run_dir / layout.CONFIG_FILE}")
+    changed = [name for name in KEYS if getattr(recorded, name) != getattr(config, name)]
+    if changed:
+        shown = "; ".join(f"{name}: {_as_text(getattr(recorded, name))} there, {_as_text(getattr(config, name))} now"
+                          for name in changed)
+        raise RunError(f"{run_dir} was started with another recipe ({shown}); resume it with the recipe and overrides "
+                       f"its {layout.CONFIG_FILE} records, or start a new run directory")
+
+
 def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
                  data_cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one configuration into ``run_dir`` and return the contents of its ``final.json``.
@@ -400,6 +415,8 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
     finished = layout.check_new_run_dir(run_dir, resume)
     if finished is not None:
         return finished
+    if resume:
+        _check_recorded_config(config, run_dir)
     accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
