@@ -81,6 +81,7 @@ def test_values_are_read_as_the_type_their_key_expects():
     assert apply_overrides(config, ["pretrained=false"]).pretrained is False
     assert apply_overrides(config, ["classes=[3, 1]"]).classes == [3, 1]
     assert apply_overrides(config, ["norm_layer=null"]).norm_layer is None
+    assert apply_overrides(config, ["imports=[my_variants, lab.data]"]).imports == ["my_variants", "lab.data"]
 
 
 # For every key: a value of the wrong type, and one of the right type but out of range (None where the type admits
@@ -103,7 +104,7 @@ BAD_VALUES = {
     "train_per_class": ("abc", "0"), "input_bn": ("maybe", None), "protocol": ([1], "paper"),
     "sync_bn": ("maybe", None), "log_with": ([1], "neptune"), "channels_last": ("maybe", None),
     "fused_optimizer": ("maybe", None),
-    "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"),
+    "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"), "imports": ("abc", "[1]"),
 }
 
 

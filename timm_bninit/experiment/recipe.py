@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import textwrap
 import types
@@ -38,7 +39,7 @@ from ..registry import UnknownNormLayerError, resolve_norm_layer
 
 __all__ = ["Recipe", "RecipeKey", "KEYS", "GROUPS", "OFFICIAL_PROTOCOL", "RecipeError", "key", "check_config",
            "recipe_dir", "list_recipes", "load_recipe", "recipe_from_mapping", "apply_overrides",
-           "keys_text", "resize_crop_size", "resize_crop_problem"]
+           "import_user_modules", "keys_text", "resize_crop_size", "resize_crop_problem"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,6 +233,12 @@ class Recipe:
                         help="with several processes: batch statistics of every norm layer over all of them")
     log_with: str | None = key(None, group="runs", check=one_of("tensorboard", "wandb", "mlflow", "all"),
                                help="also hand metrics to accelerate's trackers: tensorboard | wandb | mlflow | all")
+    imports: list[str] = key([], group="runs",
+                             check=Check(lambda v: all(isinstance(m, str) and m.strip() for m in v),
+                                         "a list of module names"),
+                             help="modules imported before anything is built, in every process (mmcv's "
+                                  "custom_imports): a module of your own that registers a norm layer or a data set "
+                                  "lets this recipe name it; it must be importable (on PYTHONPATH)")
     # not a key: where the values came from
     recipe: str | None = None
 
@@ -450,6 +457,20 @@ def apply_overrides(recipe: Recipe, overrides: Sequence[str] | None) -> Recipe:
 # Checks before any work
 
 
+def import_user_modules(modules: Sequence[str]) -> None:
+    """Import the recipe's ``imports``, so that what they register (a norm layer, a data set) can be named.
+
+    Every process of a run calls this through :func:`check_config`; importing a module a second time is free.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            reason = " ".join(str(error).split())  # one line, whatever the import machinery said
+            raise RecipeError(f"recipe key 'imports': cannot import {name!r} ({reason}); is it on PYTHONPATH?") \
+                from None
+
+
 def _check_data(recipe: Recipe) -> None:
     try:
         kind, folder = resolve_source(recipe.dataset, recipe.data_dir)
@@ -481,11 +502,12 @@ def _check_model(recipe: Recipe) -> None:
 
 def check_config(recipe: Recipe) -> None:
     """Refuse, before any work, what cannot run: a value of the wrong type or range (also in a recipe built in
-    code), an unknown data set, model, norm layer or optimizer, a
+    code), a module of ``imports`` that cannot be imported, an unknown data set, model, norm layer or optimizer, a
     γ0 for a layer that has none, a resize smaller than the crop, a missing tracker or weights file."""
     for name in KEYS:
         _coerce(name, getattr(recipe, name))
     _pinned(recipe.protocol, {name: getattr(recipe, name) for name in OFFICIAL_PROTOCOL}, "config")
+    import_user_modules(recipe.imports)  # before any name is resolved: they may register the names used below
     _check_data(recipe)
     _check_model(recipe)
     problem = resize_crop_problem(recipe.augmentation, recipe.img_size)

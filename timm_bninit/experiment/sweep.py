@@ -30,7 +30,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
-from .recipe import Recipe, RecipeError, apply_overrides, check_config, load_recipe
+from .recipe import Recipe, RecipeError, apply_overrides, check_config, import_user_modules, load_recipe
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -96,9 +96,11 @@ def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float] |
                out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[RunSpec]:
     """The grid recipe × method × lr × seed; within a seed only the method's overrides differ.
 
-    Every cell's configuration is checked here, before any run starts; ``lrs`` None or empty: the recipe's lr.
+    Every cell's configuration is checked here, before any run starts; ``lrs`` None or empty: the recipe's lr. The
+    recipe's ``imports`` are imported first: a method may name a norm layer one of them registers.
     """
     base = apply_overrides(load_recipe(recipe), overrides)
+    import_user_modules(base.imports)
     specs = []
     for method, method_overrides in parse_methods(methods).items():
         for lr in lrs or [base.lr]:
@@ -122,7 +124,7 @@ def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
-    try:
+    try:  # in whichever process runs it (a spawned worker, a submitit or Slurm job): check_config imports `imports`
         final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir)
     except Exception as error:  # a sweep records the failure and goes on
         layout.write_error(run_dir, {"method": spec.method, "lr": spec.lr, "seed": spec.seed,
