@@ -166,7 +166,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     config = tiny_config(tmp_path.parent, tmp_path, norm_layer="rbn", epochs=6, batch_size=4,
                          data_dir=str(tmp_path / "more"), augmentation="rrc", drop_rate=0.2)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "recipe"}))
+    recipe.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
     cache = tmp_path / "cache"
 
     whole = _launch(recipe, tmp_path / "whole", cache)
