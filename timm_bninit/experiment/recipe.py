@@ -37,9 +37,10 @@ from ..errors import RecipeError, did_you_mean
 from ..norm import BatchNormGamma2d
 from ..registry import UnknownNormLayerError, resolve_norm_layer
 
-__all__ = ["Recipe", "RecipeKey", "KEYS", "GROUPS", "OFFICIAL_PROTOCOL", "RecipeError", "key", "check_config",
-           "recipe_dir", "list_recipes", "load_recipe", "recipe_from_mapping", "apply_overrides",
-           "import_user_modules", "keys_text", "resize_crop_size", "resize_crop_problem"]
+__all__ = ["Recipe", "RecipeKey", "KEYS", "GROUPS", "OFFICIAL_PROTOCOL", "RecipeError", "key", "Check", "one_of",
+           "named", "ANY", "NONNEG", "POSITIVE", "AT_LEAST_1", "FRACTION", "check_config", "recipe_dir",
+           "list_recipes", "load_recipe", "recipe_from_mapping", "apply_overrides", "import_user_modules",
+           "keys_text", "resize_crop_size", "resize_crop_problem"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def key(default: Any, *, group: str, help: str, check: Check = ANY) -> Any:
         lr: float = key(0.01, group="optimisation", check=POSITIVE, help="base learning rate")
     """
     if group not in GROUPS:
-        raise ValueError(f"recipe key group {group!r} is not one of {GROUPS}")
+        raise RecipeError(f"recipe key group {group!r} is not one of {', '.join(GROUPS)}")
     metadata = {"group": group, "help": help, "check": check}
     if isinstance(default, list):  # a mutable default: each recipe gets its own copy
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -504,6 +505,9 @@ def check_config(recipe: Recipe) -> None:
     """Refuse, before any work, what cannot run: a value of the wrong type or range (also in a recipe built in
     code), a module of ``imports`` that cannot be imported, an unknown data set, model, norm layer or optimizer, a
     γ0 for a layer that has none, a resize smaller than the crop, a missing tracker or weights file."""
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"check_config expects a Recipe (load_recipe, apply_overrides, or recipe_from_mapping for a "
+                          f"mapping of keys to values), got {type(recipe).__name__}")
     for name in KEYS:
         _coerce(name, getattr(recipe, name))
     _pinned(recipe.protocol, {name: getattr(recipe, name) for name in OFFICIAL_PROTOCOL}, "config")
