@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from torch import nn
 
 from timm_bninit.experiment.distributed import average_bn_statistics, make_accelerator
 from timm_bninit.experiment.model import build_model
-from timm_bninit.experiment.recipe import load_recipe
+from timm_bninit.experiment.recipe import Recipe, load_recipe
 from timm_bninit.experiment.train import evaluate
 from timm_bninit.sync import convert_sync_batchnorm
 
@@ -83,10 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_config(model: str, norm_layer: str | None, img_size: int) -> dict[str, Any]:
-    config = load_recipe("demo")
-    config.update(model=model, norm_layer=norm_layer, img_size=img_size, pretrained=False, drop_rate=0.0)
-    return config
+def model_config(model: str, norm_layer: str | None, img_size: int) -> Recipe:
+    return replace(load_recipe("demo"), model=model, norm_layer=norm_layer, img_size=img_size, pretrained=False,
+                   drop_rate=0.0)
 
 
 def timed(fn: Any, repeats: int = 1) -> float:
@@ -218,13 +218,12 @@ def write_recipe(args: argparse.Namespace, work: Path) -> Path:
     # train_steps global batches after the 10 % validation split, plus a small test split
     num_train = max(int(args.run_steps * args.run_batch / 0.9) + NUM_CLASSES, 11 * NUM_CLASSES)
     write_imagefolder(folder, num_train, 4 * NUM_CLASSES, NUM_CLASSES, args.source_size)
-    config = load_recipe("demo")
-    config.update(dataset="imagefolder", data_dir=str(folder), model=args.step_model, norm_layer=None,
-                  img_size=args.img_size, epochs=args.run_epochs, batch_size=args.run_batch, num_workers=0,
-                  precise_bn_batches=0, val_fraction=0.1, augmentation="flip", preload=False, pretrained=False,
-                  sync_bn=False)
+    config = replace(load_recipe("demo"), dataset="imagefolder", data_dir=str(folder), model=args.step_model,
+                     norm_layer=None, img_size=args.img_size, epochs=args.run_epochs, batch_size=args.run_batch,
+                     num_workers=0, precise_bn_batches=0, val_fraction=0.1, augmentation="flip", preload=False,
+                     pretrained=False, sync_bn=False)
     path = work / "bench.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "recipe"}))
+    path.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
     return path
 
 

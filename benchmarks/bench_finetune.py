@@ -51,6 +51,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from torch.utils.data import DataLoader
 from timm_bninit.data import load_image_dataset
 from timm_bninit.experiment import train as finetune
 from timm_bninit.experiment.loaders import EpochShuffleSampler, SeededImageDataset, build_transforms
-from timm_bninit.experiment.recipe import load_recipe
+from timm_bninit.experiment.recipe import Recipe, load_recipe
 from timm_bninit.experiment.seeding import rng_scope, seed_for
 from timm_bninit.experiment.train import run_finetune
 
@@ -215,7 +216,7 @@ def other_load(before: tuple[float, float, float] | None, after: tuple[float, fl
     return max(busy - own, 0.0) / wall
 
 
-def run_pipeline(config: dict[str, Any], run_dir: Path, cache: Path) -> dict[str, Any]:
+def run_pipeline(config: Recipe, run_dir: Path, cache: Path) -> dict[str, Any]:
     """The pipeline, its images/s read from the run's own ``metrics.jsonl`` and ``final.json``."""
     with step_clock() as stamps:
         final = run_finetune(config, run_dir, quiet=True, data_cache_dir=cache)
@@ -224,7 +225,7 @@ def run_pipeline(config: dict[str, Any], run_dir: Path, cache: Path) -> dict[str
             "stamps": stamps, "threads": final["environment"]["cpu_threads"]}
 
 
-def run_bare_loop(config: dict[str, Any], num_classes: int, images: torch.Tensor, labels: torch.Tensor,
+def run_bare_loop(config: Recipe, num_classes: int, images: torch.Tensor, labels: torch.Tensor,
                   steps: int) -> dict[str, Any]:
     """The ceiling: the pipeline's model and optimizer, stepping over tensors already in memory."""
     from timm_bninit.experiment.train import build_optimizer, laid_out
@@ -232,12 +233,12 @@ def run_bare_loop(config: dict[str, Any], num_classes: int, images: torch.Tensor
     with step_clock() as stamps:
         model = laid_out(config, finetune.build_model(config, num_classes))  # as build_run lays the model out
     optimizer = build_optimizer(config, model)  # the run's (fused where torch has a kernel)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-    sampler = EpochShuffleSampler(len(images), config["seed"])
-    batch = config["batch_size"]
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    sampler = EpochShuffleSampler(len(images), config.seed)
+    batch = config.batch_size
     model.train()
     per_epoch, total_seconds = [], 0.0
-    for epoch in range(config["epochs"]):
+    for epoch in range(config.epochs):
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))
         start = time.perf_counter()
@@ -250,7 +251,7 @@ def run_bare_loop(config: dict[str, Any], num_classes: int, images: torch.Tensor
         seconds = time.perf_counter() - start
         total_seconds += seconds
         per_epoch.append(steps * batch / seconds)
-    return {"images_per_s": steps * batch * config["epochs"] / total_seconds, "epochs": per_epoch,
+    return {"images_per_s": steps * batch * config.epochs / total_seconds, "epochs": per_epoch,
             "stamps": stamps, "threads": torch.get_num_threads()}
 
 
@@ -303,27 +304,27 @@ def benchmark(args: argparse.Namespace, threads: int, work: Path) -> None:
     data, info = load_image_dataset("imagefolder", data_dir=folder, cache_dir=cache, val_fraction=0)
     prepared = time.perf_counter() - started
 
-    config = load_recipe("demo")
-    config.update(dataset="imagefolder", data_dir=str(folder), model=args.model, img_size=args.img_size,
-                  batch_size=args.batch_size, epochs=args.epochs, val_fraction=0.0, precise_bn_batches=0,
-                  augmentation=args.augmentation, norm_layer=None if args.norm_layer == "none" else args.norm_layer)
+    config = replace(load_recipe("demo"), dataset="imagefolder", data_dir=str(folder), model=args.model,
+                     img_size=args.img_size, batch_size=args.batch_size, epochs=args.epochs, val_fraction=0.0,
+                     precise_bn_batches=0, augmentation=args.augmentation,
+                     norm_layer=None if args.norm_layer == "none" else args.norm_layer)
     model = finetune.build_model(config, info.num_classes)
     train_transform, _ = build_transforms(config, model)
     del model
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}; training process: "
           f"{threads} torch threads (DataLoader workers: 1 thread each)")
-    print(f"{args.model} ({config['norm_layer'] or 'BN'}), {config['optimizer']}, batch {args.batch_size}, "
+    print(f"{args.model} ({config.norm_layer or 'BN'}), {config.optimizer}, batch {args.batch_size}, "
           f"{args.img_size} px ({args.augmentation} from {args.source_size} px JPEGs), {args.steps} steps x "
           f"{args.epochs} epochs per candidate, {args.rounds} clean rounds wanted (at most {args.max_rounds}), "
           f"shuffled order")
     print(f"{num_train} training JPEGs written and cached in {prepared:.1f} s under {work}\n", flush=True)
 
-    data_rows = measure_data_pipeline(data["train"], train_transform, args.batch_size, config["seed"],
+    data_rows = measure_data_pipeline(data["train"], train_transform, args.batch_size, config.seed,
                                       passes=1 if args.quick else 2, repeats=1 if args.quick else 3)
 
     # the ceiling's tensors: epoch 0's augmented images, exactly those the pipeline's first epoch sees
-    seeded = SeededImageDataset(data["train"], train_transform, config["seed"])
+    seeded = SeededImageDataset(data["train"], train_transform, config.seed)
     samples = [seeded[i] for i in range(len(seeded))]
     images = torch.stack([image for image, _ in samples]).contiguous()
     labels = torch.tensor([label for _, label in samples])
@@ -338,7 +339,7 @@ def benchmark(args: argparse.Namespace, threads: int, work: Path) -> None:
             if name == "bare":
                 result = run_bare_loop(config, info.num_classes, images, labels, args.steps)
             else:
-                run_config = {**config, "num_workers": int(name.removeprefix("pipeline-w"))}
+                run_config = replace(config, num_workers=int(name.removeprefix("pipeline-w")))
                 result = run_pipeline(run_config, work / "runs" / f"{name}-r{len(rounds)}", cache)
             result["other_load"] = other_load(before, cpu_seconds())
             if result["threads"] != threads:

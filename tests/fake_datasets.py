@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -326,15 +327,16 @@ def stand_in_spec(name: str, repo: FakeHubRepo, **changes):
     return DatasetSpec(**fields)
 
 
-def tiny_config(data_root: Path, cache: Path, **changes) -> dict:
+def tiny_config(data_root: Path, cache: Path, **changes) -> Any:
     """The demo recipe on the ``tiny_data`` imagefolder (conftest.py): test_resnet, 16 px, 2 epochs, seconds a run."""
+    from dataclasses import replace
+
     from timm_bninit.experiment.recipe import load_recipe
 
-    config = load_recipe("demo")
-    config.update(dataset="imagefolder", data_dir=str(data_root / "folder"), model="test_resnet", img_size=16,
-                  epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2, val_fraction=0.25, lr=0.05)
-    config.update(changes)
-    return config
+    config = replace(load_recipe("demo"), dataset="imagefolder", data_dir=str(data_root / "folder"),
+                     model="test_resnet", img_size=16, epochs=2, batch_size=6, num_workers=0, precise_bn_batches=2,
+                     val_fraction=0.25, lr=0.05)
+    return replace(config, **changes)
 
 
 def kill_after_checkpoint(process, run_dir: Path, epoch: int = 2, timeout: float = 300) -> None:

@@ -286,7 +286,7 @@ def test_build_training_needs_no_data_when_the_entry_declares_the_sizes(recipe, 
     training = tb.build_training(recipe)
     # 50,000 official training images less the 10% validation draw, ceil(0.1 * 50,000) = 5,000: 45,000 images,
     # batch 128, the last partial batch dropped
-    assert training.config["batch_size"] == 128 and training.config["val_fraction"] == 0.1
+    assert training.config.batch_size == 128 and training.config.val_fraction == 0.1
     assert training.updates_per_epoch == 45_000 // 128 == 351
     assert training.model.get_classifier().out_features == classes
     # a quarter drawn instead: 50,000 - 12,500 = 37,500 images

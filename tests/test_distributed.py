@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,11 @@ pytestmark = pytest.mark.slow
 def recipe(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dist")
     make_imagefolder(base / "folder", counts={"train": 24, "test": 6})
-    config = load_recipe("demo")
-    config.update(dataset="imagefolder", data_dir=str(base / "folder"), model="test_resnet", img_size=16, epochs=3,
-                  batch_size=8, num_workers=0, precise_bn_batches=0, val_fraction=0.25, lr=0.005,
-                  augmentation="flip", preload=False, norm_layer="rbn")
+    config = replace(load_recipe("demo"), dataset="imagefolder", data_dir=str(base / "folder"), model="test_resnet",
+                     img_size=16, epochs=3, batch_size=8, num_workers=0, precise_bn_batches=0, val_fraction=0.25,
+                     lr=0.005, augmentation="flip", preload=False, norm_layer="rbn")
     path = base / "tiny.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "recipe"}))
+    path.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
     return path
 
 
@@ -129,10 +129,9 @@ def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp
 
 
 def test_runs_with_different_precision_follow_each_other_in_one_process(recipe, tmp_path):
-    config = load_recipe(recipe)
-    config["epochs"] = 1
-    first = run_finetune(dict(config, mixed_precision="no"), tmp_path / "fp32", quiet=True,
+    config = replace(load_recipe(recipe), epochs=1)
+    first = run_finetune(replace(config, mixed_precision="no"), tmp_path / "fp32", quiet=True,
                          data_cache_dir=tmp_path / "cache")
-    second = run_finetune(dict(config, mixed_precision="bf16"), tmp_path / "bf16", quiet=True,
+    second = run_finetune(replace(config, mixed_precision="bf16"), tmp_path / "bf16", quiet=True,
                           data_cache_dir=tmp_path / "cache")
     assert first["environment"]["mixed_precision"] == "no" and second["environment"]["mixed_precision"] == "bf16"

@@ -3,6 +3,7 @@ whether the workers are fresh, persistent or absent."""
 
 import os
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,8 +76,8 @@ def test_main_process_access_leaves_the_global_random_state_alone(data):
 
 
 def epochs_of_batches(data, num_workers: int) -> tuple[bool, list[list[torch.Tensor]]]:
-    config = load_recipe("demo")
-    config.update(seed=SEED, batch_size=4, num_workers=num_workers, classes=None, preload=False, augmentation="rrc")
+    config = replace(load_recipe("demo"), seed=SEED, batch_size=4, num_workers=num_workers, classes=None,
+                     preload=False, augmentation="rrc")
     transform = augment()
     loaders = build_loaders(config, data, transform, transform)
     epochs = []
@@ -120,8 +121,7 @@ class _Priority(torch.utils.data.Dataset):
 
 @pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
 def test_workers_of_a_cpu_run_yield_to_the_training_process(data):
-    config = load_recipe("demo")
-    config.update(seed=SEED, batch_size=4, num_workers=2, classes=None, preload=False)
+    config = replace(load_recipe("demo"), seed=SEED, batch_size=4, num_workers=2, classes=None, preload=False)
     loaders = build_loaders(config, data, augment(), augment())
     for loader in (loaders.train, loaders.test, loaders.calibration):
         assert loader.worker_init_fn is yield_cpu_to_training

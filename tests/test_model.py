@@ -1,5 +1,7 @@
 """The model a run starts from: every non-norm tensor is the seed's plain-BN reference, however many are built."""
 
+from dataclasses import replace
+
 import pytest
 import timm
 import torch
@@ -14,11 +16,10 @@ SEED = 6
 
 
 def config(**changes):
-    base = load_recipe("demo")
-    base.update(model="test_resnet", norm_layer=None, pretrained=False, pretrained_file=None, cifar_stem=False,
-                zero_init_last=False, drop_rate=0.0, drop_path_rate=0.0, seed=SEED, precise_bn_batches=0)
-    base.update(changes)
-    return base
+    base = replace(load_recipe("demo"), model="test_resnet", norm_layer=None, pretrained=False, pretrained_file=None,
+                   cifar_stem=False, zero_init_last=False, drop_rate=0.0, drop_path_rate=0.0, seed=SEED,
+                   precise_bn_batches=0)
+    return replace(base, **changes)
 
 
 def reference(num_classes: int, name: str = "test_resnet", **kwargs) -> dict[str, torch.Tensor]:
@@ -54,7 +55,7 @@ def test_plain_bn_with_zeroed_last_gamma_and_cifar_stem():
         nn.init.kaiming_normal_(stem.weight, mode="fan_in", nonlinearity="relu")
     assert torch.equal(state["conv1.weight"], stem.weight) and isinstance(model.maxpool, nn.Identity)
     assert all(torch.equal(state[key], expected[key]) for key in state if key != "conv1.weight")  # γ zeroed too
-    variant = build_model({**stem_config, "norm_layer": "bn_gamma01"}, 3).state_dict()
+    variant = build_model(replace(stem_config, norm_layer="bn_gamma01"), 3).state_dict()
     assert all(torch.equal(variant[key], state[key]) for key in state if key not in norm_keys(model))
 
 

@@ -121,20 +121,23 @@ def test_gamma_update_is_one_hundredth_of_a_conv_update_with_plain_sgd():
 
 
 def test_torch_optimizers_get_their_fused_kernel_and_it_takes_the_momentum_sgd_step():
+    from dataclasses import replace
+
     from timm_bninit.experiment.recipe import load_recipe
     from timm_bninit.experiment.train import build_optimizer
 
     config = load_recipe("demo")
     model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), tb.BatchNormGamma2d(3))
-    fused = {name: build_optimizer({**config, "optimizer": name}, model).defaults.get("fused")
+    fused = {name: build_optimizer(replace(config, optimizer=name), model).defaults.get("fused")
              for name in ("sgd", "momentum", "adamw", "lamb")}
     assert fused == {"sgd": True, "momentum": True, "adamw": True, "lamb": None}  # timm's own Lamb has no kernel
-    assert build_optimizer({**config, "fused_optimizer": False}, model).defaults.get("fused") is None  # as studies ran
+    unfused = build_optimizer(replace(config, fused_optimizer=False), model)
+    assert unfused.defaults.get("fused") is None  # as studies ran
 
     torch.manual_seed(0)
     lr, wd, mu = 0.1, 1e-2, 0.9
-    optimizer = build_optimizer({**config, "optimizer": "momentum", "lr": lr, "weight_decay": wd, "momentum": mu,
-                                 "gamma_lr_div": None}, model)
+    optimizer = build_optimizer(replace(config, optimizer="momentum", lr=lr, weight_decay=wd, momentum=mu,
+                                        gamma_lr_div=None), model)
     conv = model[0].weight
     x = torch.randn(4, 2, 5, 5)
     p0 = conv.detach().clone()

@@ -3,6 +3,7 @@ written out here; and ``build_training`` against what a real run starts with."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_optimizer_is_plain_momentum_sgd():
     training = official(lr=0.1)
     optimizer = training.optimizer
     assert type(optimizer) is torch.optim.SGD
-    assert training.config["optimizer"] == "momentum"  # recorded in the run's config
+    assert training.config.optimizer == "momentum"  # recorded in the run's config
     for group in optimizer.param_groups:
         assert group["nesterov"] is False and group["momentum"] == 0.9 and group["dampening"] == 0
     assert tb.build_training("demo", num_classes=10, train_size=1280).optimizer.defaults["nesterov"] is True  # timm's
@@ -46,7 +47,7 @@ def test_optimizer_is_plain_momentum_sgd():
 def test_lr_is_the_per_epoch_cosine_with_floor_1e8(norm_layer, c):
     lr, epochs = 0.1, 7
     training = official(lr=lr, epochs=epochs, norm_layer=norm_layer)
-    assert training.config["step_on_epochs"] is True and training.config["warmup_epochs"] == 0
+    assert training.config.step_on_epochs is True and training.config.warmup_epochs == 0
     groups = {g["name"]: g for g in training.optimizer.param_groups}
     updates = 0
     for epoch in range(epochs):
@@ -193,7 +194,7 @@ def test_param_groups_agree_with_the_official_rule(input_bn, norm_layer, c):
 
 def test_official_pins_its_keys_and_refuses_conflicts_before_any_work(tmp_path):
     config = apply_overrides(load_recipe("demo"), ["protocol=official"])
-    assert (config["optimizer"], config["sched"], config["step_on_epochs"], config["min_lr"]) == \
+    assert (config.optimizer, config.sched, config.step_on_epochs, config.min_lr) == \
         ("momentum", "cosine", True, 1e-8)
     recipe = tmp_path / "conflict.yaml"
     recipe.write_text("protocol: official\noptimizer: sgd\n")
@@ -201,18 +202,18 @@ def test_official_pins_its_keys_and_refuses_conflicts_before_any_work(tmp_path):
         load_recipe(recipe)
     assert "\n" not in str(error.value)
     recipe.write_text("protocol: official\noptimizer: momentum\nepochs: 3\n")  # the official value is fine
-    assert load_recipe(recipe)["optimizer"] == "momentum"
+    assert load_recipe(recipe).optimizer == "momentum"
     with pytest.raises(RecipeError, match="sets pretrained=False"):
         apply_overrides(load_recipe("demo"), ["protocol=official", "pretrained=true"])
     with pytest.raises(RecipeError, match="sets warmup_epochs=0"):
         apply_overrides(config, ["warmup_epochs=2"])
     with pytest.raises(RecipeError, match="sets step_on_epochs=True"):
-        check_config({**config, "step_on_epochs": False})  # a config built in code
+        check_config(replace(config, step_on_epochs=False))  # a config built in code
     with pytest.raises(RecipeError, match="'protocol' expects a string \\(one of timm, official\\)"):
         apply_overrides(config, ["protocol=paper"])
     with pytest.raises(RecipeError, match="'train_per_class' expects an integer ≥ 1"):
         apply_overrides(config, ["train_per_class=0"])
-    assert apply_overrides(config, ["protocol=timm", "optimizer=sgd"])["optimizer"] == "sgd"
+    assert apply_overrides(config, ["protocol=timm", "optimizer=sgd"]).optimizer == "sgd"
 
 
 def test_train_per_class_keeps_k_per_class_after_the_validation_split(tiny_data, tmp_path):

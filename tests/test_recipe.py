@@ -1,25 +1,36 @@
 """Recipes: loading, overrides read as the type their key expects, and every bad value refused in one line."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import timm
+import yaml
 
 from timm_bninit.experiment.cli import finetune_main
-from timm_bninit.experiment.recipe import DEFAULTS, SCHEMA, RecipeError, apply_overrides, list_recipes, load_recipe
+from timm_bninit.experiment.recipe import (
+    GROUPS,
+    KEYS,
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+    recipe_from_mapping,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipes_parse_and_refuse_unknown_keys(tmp_path):
     config = load_recipe("demo")
-    assert config["recipe"] == "demo" and config["dataset"] == "digits"
+    assert config.recipe == "demo" and config.dataset == "digits"
     config = apply_overrides(config, ["lr=1e-3", "norm_layer=rbn", "epochs=3", "gamma_lr_div=50", "ema=true"])
-    assert config["lr"] == 0.001 and isinstance(config["lr"], float)
-    assert config["norm_layer"] == "rbn" and config["epochs"] == 3 and config["gamma_lr_div"] == 50
-    assert config["ema"] is True
+    assert config.lr == 0.001 and isinstance(config.lr, float)
+    assert config.norm_layer == "rbn" and config.epochs == 3 and config.gamma_lr_div == 50
+    assert config.ema is True
     with pytest.raises(RecipeError, match="unknown recipe key 'weight_decy'. Did you mean 'weight_decay'"):
         apply_overrides(config, ["weight_decy=0.1"])
     with pytest.raises(RecipeError, match="Valid keys: .*augmentation.*weight_decay"):
@@ -44,20 +55,36 @@ def test_every_shipped_recipe_loads_with_known_keys():
     assert len(study_recipes) == 9  # v1, v2, v3: scratch, pretrain, finetune
     for name in [*names, *study_recipes]:
         config = load_recipe(name)
-        assert set(config) == set(DEFAULTS) | {"recipe"}
-        assert timm.is_model(config["model"]), name
+        assert set(config.to_dict()) == set(KEYS) | {"recipe"}
+        assert timm.is_model(config.model), name
+
+
+def test_a_run_config_reads_back_as_the_recipe_it_was_written_from():
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        assert recipe_from_mapping(yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=True))) == recipe
+    written = load_recipe("demo").to_dict()
+    del written["fused_optimizer"]  # a config.yaml from before the key existed
+    assert recipe_from_mapping(written).fused_optimizer is True
+    with pytest.raises(RecipeError, match=r"^in run/config.yaml: unknown recipe key 'epoch'. Did you mean 'epochs'"):
+        recipe_from_mapping({**written, "epoch": 3}, "in run/config.yaml")
+    with pytest.raises(RecipeError, match="recipe key 'lr' expects a number > 0, got -1"):
+        recipe_from_mapping({**written, "lr": -1})
+    with pytest.raises(RecipeError, match="protocol 'official' sets min_lr=1e-08"):
+        recipe_from_mapping({"protocol": "official", "min_lr": 0.5})
 
 
 def test_values_are_read_as_the_type_their_key_expects():
     config = load_recipe("cub")
-    assert apply_overrides(config, ["mixed_precision=no"])["mixed_precision"] == "no"  # not YAML 1.1's False
-    assert apply_overrides(config, ["ema=no"])["ema"] is False
-    assert apply_overrides(config, ["gamma_lr_div=null"])["gamma_lr_div"] is None
-    assert apply_overrides(config, ["gamma_lr_div=100"])["gamma_lr_div"] == 100.0
-    assert apply_overrides(config, ["pretrained=resnet50.a1_in1k"])["pretrained"] == "resnet50.a1_in1k"
-    assert apply_overrides(config, ["pretrained=false"])["pretrained"] is False
-    assert apply_overrides(config, ["classes=[3, 1]"])["classes"] == [3, 1]
-    assert apply_overrides(config, ["norm_layer=null"])["norm_layer"] is None
+    assert apply_overrides(config, ["mixed_precision=no"]).mixed_precision == "no"  # not YAML 1.1's False
+    assert apply_overrides(config, ["ema=no"]).ema is False
+    assert apply_overrides(config, ["gamma_lr_div=null"]).gamma_lr_div is None
+    assert apply_overrides(config, ["gamma_lr_div=100"]).gamma_lr_div == 100.0
+    assert apply_overrides(config, ["pretrained=resnet50.a1_in1k"]).pretrained == "resnet50.a1_in1k"
+    assert apply_overrides(config, ["pretrained=false"]).pretrained is False
+    assert apply_overrides(config, ["classes=[3, 1]"]).classes == [3, 1]
+    assert apply_overrides(config, ["norm_layer=null"]).norm_layer is None
+    assert apply_overrides(config, ["imports=[my_variants, lab.data]"]).imports == ["my_variants", "lab.data"]
 
 
 # For every key: a value of the wrong type, and one of the right type but out of range (None where the type admits
@@ -80,12 +107,12 @@ BAD_VALUES = {
     "train_per_class": ("abc", "0"), "input_bn": ("maybe", None), "protocol": ([1], "paper"),
     "sync_bn": ("maybe", None), "log_with": ([1], "neptune"), "channels_last": ("maybe", None),
     "fused_optimizer": ("maybe", None),
-    "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"),
+    "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"), "imports": ("abc", "[1]"),
 }
 
 
 def test_the_bad_value_table_covers_every_key():
-    assert set(BAD_VALUES) == set(DEFAULTS) == set(SCHEMA)
+    assert set(BAD_VALUES) == set(KEYS) == {f.name for f in dataclasses.fields(Recipe)} - {"recipe"}
 
 
 def _cli_error(tmp_path, capsys, key, value):
@@ -127,6 +154,32 @@ def test_bad_values_through_the_script_print_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: recipe key 'gamma_lr_div' expects a number > 0, or null, got 'abc'"]
+
+
+def test_list_keys_prints_every_declared_key_from_its_declaration(capsys):
+    assert finetune_main(["--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == [f"{group}:" for group in GROUPS]
+    group, listed = None, {}  # key -> (group, its line, its help as printed)
+    for line in lines:
+        if not line.startswith(" "):
+            group = line[:-1]
+        elif not line.startswith("      "):
+            name = line.split(":")[0].strip()
+            listed[name] = [group, line, ""]
+        else:
+            listed[name][2] = f"{listed[name][2]} {line.strip()}".strip()
+    declared = [f for f in dataclasses.fields(Recipe) if f.name != "recipe"]
+    assert list(listed) == [f.name for f in declared]  # every key, in the order of the declaration
+    for f in declared:
+        group, line, text = listed[f.name]
+        assert group == f.metadata["group"] and text == f.metadata["help"], f.name
+        assert line.startswith(f"  {f.name}: {f.type} = "), line  # the declared type as written
+        assert f.metadata["check"].words in line, line
+        # the default is printed as --set text that reads back as the declared default
+        shown = line.split(" = ", 1)[1].split("    accepts ")[0]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert getattr(apply_overrides(Recipe(), [f"{f.name}={shown}"]), f.name) == default, line
 
 
 def test_cars_steps_the_lr_where_its_baseline_does():

@@ -82,7 +82,7 @@ def test_a_protocol_names_its_recipes_relative_to_itself(tmp_path, monkeypatch):
     for given in ("v9", "v9/protocol.yaml", study):
         parts = load_protocol(given)["parts"]
         assert Path(parts["a"]["recipe"]).resolve() == study / "recipes" / "scratch.yaml"
-        assert load_recipe(parts["a"]["recipe"])["epochs"] == 1
+        assert load_recipe(parts["a"]["recipe"]).epochs == 1
         assert parts["b"]["recipe"] == "demo" and parts["b"]["pretrain"] == str(elsewhere)  # a name, an absolute path
 
 

@@ -59,9 +59,9 @@ def test_plan_pairs_runs_by_seed(tiny_recipe, tmp_path):
     for lr in (0.1, 0.01):
         for seed in (1, 2):
             base, other = by_key[("base", lr, seed)], by_key[("rbn_unit+gamma_lr_div=10", lr, seed)]
-            differing = {k for k in base if base[k] != other[k]}
+            differing = {k for k, v in base.to_dict().items() if other.to_dict()[k] != v}
             assert differing == {"norm_layer", "gamma_lr_div"}  # within a seed only the method differs
-            assert base["epochs"] == 3 and base["lr"] == lr and base["seed"] == seed
+            assert base.epochs == 3 and base.lr == lr and base.seed == seed
     assert Path(specs[0].run_dir) == tmp_path / "base" / "lr0.1" / "seed1"
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from timm.data import create_transform
 import timm_bninit as tb
 from timm_bninit.data import DatasetError, load_image_dataset
 from timm_bninit.experiment.cli import finetune_main
-from timm_bninit.experiment.layout import RunError
+from timm_bninit.experiment.layout import RunError, write_config
 from timm_bninit.experiment.loaders import SeededImageDataset
 from timm_bninit.experiment.model import build_model
 from timm_bninit.experiment.recipe import RecipeError
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_paired_runs_share_init_order_and_augmentation(tiny_data, tmp_path):
     base = tiny_config(tiny_data, tmp_path, norm_layer=None, seed=4)
-    models = {name: build_model({**base, "norm_layer": name}, 3) for name in (None, "bn_uniform", "rbn")}
+    models = {name: build_model(replace(base, norm_layer=name), 3) for name in (None, "bn_uniform", "rbn")}
     reference = models[None].state_dict()
     norm_modules = {name for name, m in models[None].named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     shared = [k for k in reference if k.rpartition(".")[0] not in norm_modules]
@@ -36,7 +37,7 @@ def test_paired_runs_share_init_order_and_augmentation(tiny_data, tmp_path):
     for name, model in models.items():
         state = model.state_dict()
         assert all(torch.equal(state[k], reference[k]) for k in shared), name
-    other_seed = build_model({**base, "seed": 5}, 3).state_dict()
+    other_seed = build_model(replace(base, seed=5), 3).state_dict()
     assert not torch.equal(other_seed["fc.weight"], reference["fc.weight"])
 
     data, _ = load_image_dataset("imagefolder", data_dir=tiny_data / "folder", cache_dir=tmp_path / "cache")
@@ -93,6 +94,23 @@ def test_finished_run_is_never_overwritten(tiny_data, tmp_path):
     assert (run_dir / "final.json").stat().st_mtime_ns == stamp
 
 
+def test_a_resume_reads_the_run_config_back_and_refuses_another_recipe(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(run_dir, config)  # a run interrupted before its first checkpoint
+    changed = r"started with another recipe \(lr: 0.05 there, 0.1 now; seed: 1 there, 2 now\)"
+    with pytest.raises(RunError, match=changed):
+        run_finetune(replace(config, lr=0.1, seed=2), run_dir, resume=True, quiet=True)
+    assert [path.name for path in run_dir.iterdir()] == ["config.yaml"]  # refused before any work
+    # a config.yaml from before a key existed: the key reads back as its default, so the same recipe resumes
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["fused_optimizer"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    final = run_finetune(config, run_dir, resume=True, quiet=True, data_cache_dir=tmp_path / "cache")
+    assert final["epochs"] == 1 and yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
+
+
 def test_errors_come_before_any_training(tiny_data, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert finetune_main(["--recipe", "demo", "--set", "model=resnet5O", "--run-dir", str(tmp_path / "a"),
@@ -122,7 +140,7 @@ def test_pretrained_file_and_transfer_policy_in_a_run(tiny_data, tmp_path):
         run_finetune(config, tmp_path / "run", quiet=True, data_cache_dir=tmp_path / "cache")
     with warnings.catch_warnings():
         warnings.simplefilter("error", tb.BNTransferWarning)  # the run re-estimates them before every evaluation
-        run_finetune({**config, "precise_bn_batches": 2}, tmp_path / "run2", quiet=True,
+        run_finetune(replace(config, precise_bn_batches=2), tmp_path / "run2", quiet=True,
                      data_cache_dir=tmp_path / "cache")
     report = json.loads((tmp_path / "run" / "load_report.json").read_text())
     assert report["bn_transfer"] == "reset" and "fc.weight" in report["initialised"]
@@ -148,7 +166,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     config = tiny_config(tmp_path.parent, tmp_path, norm_layer="rbn", epochs=6, batch_size=4,
                          data_dir=str(tmp_path / "more"), augmentation="rrc", drop_rate=0.2)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "recipe"}))
+    recipe.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
     cache = tmp_path / "cache"
 
     whole = _launch(recipe, tmp_path / "whole", cache)
@@ -203,7 +221,7 @@ def test_class_subset_preload_and_gamma_init(tiny_data, tmp_path):
     finals = []
     for preload in (False, True):
         run_dir = tmp_path / f"run{preload}"
-        finals.append(run_finetune({**config, "preload": preload}, run_dir, quiet=True,
+        finals.append(run_finetune(replace(config, preload=preload), run_dir, quiet=True,
                                    data_cache_dir=tmp_path / "cache"))
         assert read_metrics(run_dir)[0]["lr_gamma"] == pytest.approx(read_metrics(run_dir)[0]["lr"])  # c = 1
     assert finals[0]["test_acc_at_best_val"] == finals[1]["test_acc_at_best_val"]  # preload changes nothing
@@ -215,9 +233,9 @@ def test_class_subset_preload_and_gamma_init(tiny_data, tmp_path):
     assert sorted(set(subset.labels)) == [0, 1]
     assert all(originals[i] == (2 if new == 0 else 0) for i, new in zip(subset.indices, subset.labels))
     with pytest.raises(RecipeError, match="gamma_init sets γ0 of a bn_gamma"):
-        run_finetune({**config, "norm_layer": "rbn"}, tmp_path / "bad", quiet=True)
+        run_finetune(replace(config, norm_layer="rbn"), tmp_path / "bad", quiet=True)
     with pytest.raises(RunError, match=r"classes \[0, 7\] are not all class indices"):
-        run_finetune({**config, "classes": [0, 7]}, tmp_path / "bad2", quiet=True, data_cache_dir=tmp_path / "cache")
+        run_finetune(replace(config, classes=[0, 7]), tmp_path / "bad2", quiet=True, data_cache_dir=tmp_path / "cache")
 
 
 def test_unreachable_hub_without_local_weights_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
@@ -302,7 +320,7 @@ def test_evaluation_workers_start_before_training(tiny_data, tmp_path):
 
 def test_a_run_with_workers_equals_the_run_without(tiny_data, tmp_path):
     config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", augmentation="rrc", epochs=3)  # precise BN on
-    results = {workers: run_finetune({**config, "num_workers": workers}, tmp_path / f"w{workers}", quiet=True,
+    results = {workers: run_finetune(replace(config, num_workers=workers), tmp_path / f"w{workers}", quiet=True,
                                      data_cache_dir=tmp_path / "cache") for workers in (0, 2)}
     for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):
         assert results[0][key] == results[2][key], key
@@ -319,7 +337,7 @@ def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_
     config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", epochs=1, precise_bn_batches=0)
     steps = {}
     for channels_last in (True, False):
-        run = build_run({**config, "channels_last": channels_last}, make_accelerator(config), tmp_path / "cache")
+        run = build_run(replace(config, channels_last=channels_last), make_accelerator(config), tmp_path / "cache")
         weight = run.unwrapped.layer1[0].conv1.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
         assert weight.is_contiguous() is not channels_last

@@ -1,6 +1,8 @@
 """The fine-grained baselines' augmentation, ``resize<S>_crop``: S×S resize, random ``img_size`` crop, horizontal flip,
 no colour jitter; eval S×S resize and centre crop. Checked on an image whose pixel values say where they came from."""
 
+from dataclasses import replace
+
 import datasets
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 from timm_bninit.experiment.layout import RunError
 from timm_bninit.experiment.loaders import EpochIndex, SeededImageDataset, build_transforms, resize_crop_size
 from timm_bninit.experiment.model import build_model
-from timm_bninit.experiment.recipe import DEFAULTS, RecipeError, apply_overrides, load_recipe
+from timm_bninit.experiment.recipe import Recipe, RecipeError, apply_overrides, load_recipe
 from timm_bninit.experiment.seeding import rng_scope
 
 SIZE, RESIZE = 16, 20  # img_size and S: a 20×20 resize, 16×16 crops at offsets 0..4
@@ -34,8 +36,8 @@ def pattern() -> Image.Image:
 GREEN_RESIZED = [0] * 9 + [32, 223] + [255] * 9
 
 
-def config(**changes) -> dict:
-    return {**DEFAULTS, "input_bn": True, "img_size": SIZE, "augmentation": f"resize{RESIZE}_crop", **changes}
+def config(**changes) -> Recipe:
+    return replace(Recipe(input_bn=True, img_size=SIZE, augmentation=f"resize{RESIZE}_crop"), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +126,13 @@ def test_a_resize_smaller_than_the_crop_is_refused():
 
 def test_the_recipe_key_reads_the_resize_size_and_refuses_malformed_modes():
     assert resize_crop_size("resize600_crop") == 600 and resize_crop_size("rrc") is None
-    assert apply_overrides(DEFAULTS, ["augmentation=resize512_crop"])["augmentation"] == "resize512_crop"
+    assert apply_overrides(Recipe(), ["augmentation=resize512_crop"]).augmentation == "resize512_crop"
     for bad in ("resize_crop", "resize4_crop", "resize²_crop", "resize-5_crop", "resize600"):
         with pytest.raises(RecipeError, match=r"'augmentation' expects .*resize<S>_crop"):
-            apply_overrides(DEFAULTS, [f"augmentation={bad}"])
+            apply_overrides(Recipe(), [f"augmentation={bad}"])
 
 
 def test_fine_tuning_recipes_resize_and_crop_as_the_cited_baseline():
     # mmclassification's resnet50_8xb8_cub / resnet50_8xb8_cars: Resize 600 and 512, crop 448
-    assert [(resize_crop_size(load_recipe(name)["augmentation"]), load_recipe(name)["img_size"])
+    assert [(resize_crop_size(load_recipe(name).augmentation), load_recipe(name).img_size)
             for name in ("cub", "cars")] == [(600, 448), (512, 448)]

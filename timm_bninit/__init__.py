@@ -36,7 +36,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # the experiment engine (accelerate, datasets) loads only when asked for: `import timm_bninit` stays the plugin
+    # the experiment engine (accelerate, datasets) loads only when asked for: `import timm_bninit` stays the plugin.
+    # This is the plugin floor's one import of the engine, allowed as its front door (tests/test_import_floors.py)
     if name == "build_training":
         from .experiment.train import build_training
 

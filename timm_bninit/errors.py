@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 
-__all__ = ["BNInitError", "BNInitValueError", "BNInitTypeError", "did_you_mean", "STALE_STATISTICS"]
+__all__ = ["BNInitError", "BNInitValueError", "BNInitTypeError", "RecipeError", "did_you_mean", "STALE_STATISTICS"]
 
 
 class BNInitError(Exception):
@@ -27,6 +27,14 @@ class BNInitValueError(BNInitError, ValueError):
 
 class BNInitTypeError(BNInitError, TypeError):
     """A plugin function given an object of a type it cannot use."""
+
+
+class RecipeError(BNInitError, ValueError):
+    """A recipe or override that cannot be used; the message names the valid choices.
+
+    Raised by the experiment engine's recipes and by what a recipe asks of a model (a CIFAR stem, a trainable
+    classifier); it lives here so that code below the recipe module raises it without importing the recipe module.
+    """
 
 
 def did_you_mean(name: str, choices: Iterable[str], *, key: Callable[[str], str] | None = None, n: int = 3,

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import RecipeError
 from ..gammas import bn_gammas
-from .recipe import RecipeError
 
 __all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "gamma_statistics", "small_gamma_fraction", "clamped_gammas",
            "freeze_all_but_norm"]

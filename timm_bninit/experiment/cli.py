@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BNInitError
 from .distributed import is_main_process, shared_run_dir
 from .layout import ERROR_FILE, RunError, default_run_dir
-from .recipe import RecipeError, apply_overrides, check_config, list_recipes, load_recipe
+from .recipe import RecipeError, apply_overrides, check_config, keys_text, list_recipes, load_recipe
 from .train import run_finetune
 
 # compare.py's and study.py's modules (report, power, sweep, study) are imported where those commands start: at the
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     parser.add_argument("--data-cache-dir", help="cache for built data sets (default ~/.cache/timm_bninit)")
     parser.add_argument("--list-recipes", action="store_true", help="list the available recipes and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="list every recipe key (type, default, accepted values, what it does) and exit")
     return parser
 
 
@@ -66,6 +68,9 @@ def finetune_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list_recipes:
         print("\n".join(list_recipes()))
+        return 0
+    if args.list_keys:
+        print(keys_text())
         return 0
     config = apply_overrides(load_recipe(args.recipe), args.overrides + (
         [f"data_dir={args.data_dir}"] if args.data_dir else []))

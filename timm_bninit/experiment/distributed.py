@@ -25,6 +25,7 @@ from timm.utils import distribute_bn
 from torch import nn
 
 from .layout import RunError
+from .recipe import Recipe
 
 __all__ = ["launched_world_size", "make_accelerator", "average_bn_statistics", "shared_run_dir", "is_main_process"]
 
@@ -42,20 +43,20 @@ def _wants_cpu() -> bool:
     return launched_world_size() > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(config: dict[str, Any], *, log_with: Any = None, project_dir: Path | None = None) -> Accelerator:
+def make_accelerator(config: Recipe, *, log_with: Any = None, project_dir: Path | None = None) -> Accelerator:
     """A fresh Accelerator for one run; refuses (before any work) a launch it would not see as distributed."""
     AcceleratorState._reset_state()  # keeps the process group (PartialState); forgets the last run's precision
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=_wants_cpu(), mixed_precision=config["mixed_precision"],
-                              gradient_accumulation_steps=config["grad_accum_steps"], log_with=log_with,
+    accelerator = Accelerator(cpu=_wants_cpu(), mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum_steps, log_with=log_with,
                               project_dir=project_dir,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False,
                                                                         split_batches=True))
     if launched_world_size() != accelerator.num_processes:
         raise RunError(f"the launcher started {launched_world_size()} processes but accelerate sees "
                        f"{accelerator.num_processes}: they would race on one run directory; {LAUNCH_HELP}")
-    if config["batch_size"] % accelerator.num_processes:
-        raise RunError(f"batch_size={config['batch_size']} is the global batch and must divide evenly over "
+    if config.batch_size % accelerator.num_processes:
+        raise RunError(f"batch_size={config.batch_size} is the global batch and must divide evenly over "
                        f"{accelerator.num_processes} processes; choose a multiple of {accelerator.num_processes} "
                        f"(--set batch_size=...)")
     return accelerator

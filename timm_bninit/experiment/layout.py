@@ -22,19 +22,23 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..errors import BNInitError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
     "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
-    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_error", "write_error",
-    "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs", "check_new_run_dir",
+    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_config", "read_error",
+    "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
+    "check_new_run_dir",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -85,8 +89,19 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True))
+def write_config(run_dir: Path, config: Recipe) -> None:
+    """``config.yaml``: every key of the recipe and its source, sorted; written whole or not at all, since a
+    resume reads it back."""
+    path = run_dir / CONFIG_FILE
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A run's ``config.yaml`` as written (key -> value), or None when it has none; the recipe module checks it."""
+    path = Path(run_dir) / CONFIG_FILE
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def run_status(run_dir: str | os.PathLike) -> str:
@@ -167,22 +182,22 @@ def check_new_run_dir(run_dir: Path, resume: bool) -> dict[str, Any] | None:
 # Names
 
 
-def _method_name(config: dict[str, Any]) -> str:
-    method = config["norm_layer"] or "bn"
-    if config["pretrained"] or config["pretrained_file"]:
-        method += f"-{config['bn_transfer']}"
-    if config["gamma_lr_div"] is not None:
-        method += f"-div{config['gamma_lr_div']:g}"
+def _method_name(config: Recipe) -> str:
+    method = config.norm_layer or "bn"
+    if config.pretrained or config.pretrained_file:
+        method += f"-{config.bn_transfer}"
+    if config.gamma_lr_div is not None:
+        method += f"-div{config.gamma_lr_div:g}"
     return method
 
 
-def default_run_dir(config: dict[str, Any], output_dir: str | os.PathLike = "runs") -> Path:
+def default_run_dir(config: Recipe, output_dir: str | os.PathLike = "runs") -> Path:
     """A new run directory, timm-style: ``<output_dir>/<recipe>/<method>-lr<lr>-s<seed>-<YYYYmmdd-HHMMSS>``.
 
     A counter is appended when that name exists already, so running the same command twice gives two runs.
     """
-    stem = f"{_method_name(config)}-lr{config['lr']:g}-s{config['seed']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = Path(output_dir) / str(config["recipe"])
+    stem = f"{_method_name(config)}-lr{config.lr:g}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = Path(output_dir) / str(config.recipe)
     candidate, counter = parent / stem, 1
     while candidate.exists():
         counter += 1

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms as T
 
 from .layout import RunError
+from .recipe import Recipe, resize_crop_problem, resize_crop_size
 from .seeding import rng_scope, seed_for, seed_globals
 
 __all__ = ["EpochIndex", "SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "build_loaders",
@@ -135,15 +136,7 @@ class EpochShuffleSampler(Sampler[EpochIndex]):
         return iter([EpochIndex(index, epoch) for index in torch.randperm(self.size, generator=generator).tolist()])
 
 
-def resize_crop_size(augmentation: str) -> int | None:
-    """S of a ``resize<S>_crop`` augmentation (``resize600_crop`` -> 600); None for any other mode."""
-    middle = augmentation[len("resize"):-len("_crop")]
-    if augmentation.startswith("resize") and augmentation.endswith("_crop") and middle.isascii() and middle.isdigit():
-        return int(middle)
-    return None
-
-
-def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any]:
+def build_transforms(config: Recipe, model: nn.Module) -> tuple[Any, Any]:
     """Train and eval transforms: timm's (``resolve_model_data_config`` + ``create_transform``), or the fine-grained
     baselines' ``resize<S>_crop``.
 
@@ -155,13 +148,13 @@ def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any
     normalises them.
     """
     data_config = resolve_model_data_config(model)
-    if config["input_bn"]:
+    if config.input_bn:
         data_config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    size, resize = config["img_size"], resize_crop_size(config["augmentation"])
+    size, resize = config.img_size, resize_crop_size(config.augmentation)
     if resize is not None:
-        if resize < size:
-            raise RunError(f"augmentation {config['augmentation']!r} resizes to {resize}×{resize}, smaller than the "
-                           f"img_size={size} crop; use resize<S>_crop with S ≥ {size}")
+        problem = resize_crop_problem(config.augmentation, size)
+        if problem is not None:
+            raise RunError(f"augmentation {problem}")
         interpolation = str_to_interp_mode(data_config["interpolation"])
         to_tensor = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
         train_transform = T.Compose([T.Resize((resize, resize), interpolation=interpolation), T.RandomCrop(size),
@@ -172,10 +165,10 @@ def build_transforms(config: dict[str, Any], model: nn.Module) -> tuple[Any, Any
     eval_transform = create_transform(input_size=(3, size, size), is_training=False, mean=data_config["mean"],
                                       std=data_config["std"], interpolation=data_config["interpolation"],
                                       crop_pct=data_config["crop_pct"] if size >= 128 else 1.0)
-    if config["augmentation"] == "rrc":
+    if config.augmentation == "rrc":
         train_transform = create_transform(input_size=(3, size, size), is_training=True, mean=data_config["mean"],
                                            std=data_config["std"], interpolation=data_config["interpolation"])
-    elif config["augmentation"] == "flip":
+    elif config.augmentation == "flip":
         train_transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomHorizontalFlip(),
                                      T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
     else:
@@ -210,11 +203,11 @@ def yield_cpu_to_training(worker_id: int) -> None:
             os.nice(19)
 
 
-def build_loaders(config: dict[str, Any], data: Any, train_transform: Any, eval_transform: Any) -> Loaders:
-    seed, batch, workers = config["seed"], config["batch_size"], config["num_workers"]
-    subset = {"classes": config["classes"], "preload": config["preload"]}
+def build_loaders(config: Recipe, data: Any, train_transform: Any, eval_transform: Any) -> Loaders:
+    seed, batch, workers = config.seed, config.batch_size, config.num_workers
+    subset = {"classes": config.classes, "preload": config.preload}
     # without augmentation the transform draws nothing: skip the per-sample random-state scope
-    train = SeededImageDataset(data["train"], train_transform, None if config["augmentation"] == "none" else seed,
+    train = SeededImageDataset(data["train"], train_transform, None if config.augmentation == "none" else seed,
                                **subset)
     sampler = EpochShuffleSampler(len(train), seed)
     # workers persist across epochs (and evaluations): the epoch reaches them inside each index, not by attribute

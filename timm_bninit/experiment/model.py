@@ -6,25 +6,25 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from ..convert import BNTransferWarning
+from ..errors import RecipeError
 from ..factory import create_model
 from ..gammas import bn_gammas
 from ..pretrained import load_pretrained
 from ..registry import get_norm_layer
 from .protocol import apply_protocol
-from .recipe import RecipeError
+from .recipe import Recipe
 from .seeding import rng_scope, seed_for
 
 __all__ = ["build_model", "cifar_stem"]
 
 
-def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
+def build_model(config: Recipe, num_classes: int) -> nn.Module:
     """The model with its variant, pretrained weights and a shared-weight initialisation drawn from the run seed.
 
     Every tensor that is not part of a norm layer is initialised from a plain-BN model built under the seed's
@@ -32,52 +32,52 @@ def build_model(config: dict[str, Any], num_classes: int) -> nn.Module:
     whatever random numbers their own layers consume (``bn_uniform`` draws γ). Plain BN is built once, as that
     reference itself.
     """
-    kwargs = {"num_classes": num_classes, "drop_rate": config["drop_rate"]}
-    if config["drop_path_rate"]:
-        kwargs["drop_path_rate"] = config["drop_path_rate"]
-    if config["zero_init_last"]:
+    kwargs = {"num_classes": num_classes, "drop_rate": config.drop_rate}
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
+    if config.zero_init_last:
         kwargs["zero_init_last"] = True
     # Plain BN (BASE) is the reference: the same timm call under the same stream draws the same numbers, and its
     # norm tensors draw none, so its copy of the shared tensors would change nothing; build it once, not twice.
-    plain = config["norm_layer"] is None
+    plain = config.norm_layer is None
     reference = None
     if not plain:
-        with rng_scope(seed_for(config["seed"], "init")):
-            reference = timm.create_model(config["model"], **kwargs)
-    pretrained = False if config["pretrained_file"] else config["pretrained"]
-    norm_layer = config["norm_layer"]
-    if config["gamma_init"] is not None:
-        norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config["gamma_init"])
-    with rng_scope(seed_for(config["seed"], "init" if plain else "init-method")), _transfer_warnings(config):
-        model = create_model(config["model"], norm_layer, pretrained=pretrained, bn_transfer=config["bn_transfer"],
+        with rng_scope(seed_for(config.seed, "init")):
+            reference = timm.create_model(config.model, **kwargs)
+    pretrained = False if config.pretrained_file else config.pretrained
+    norm_layer = config.norm_layer
+    if config.gamma_init is not None:
+        norm_layer = functools.partial(get_norm_layer(norm_layer), gamma_init=config.gamma_init)
+    with rng_scope(seed_for(config.seed, "init" if plain else "init-method")), _transfer_warnings(config):
+        model = create_model(config.model, norm_layer, pretrained=pretrained, bn_transfer=config.bn_transfer,
                              **kwargs)
-    if plain and not (pretrained or config["pretrained_file"] or config["zero_init_last"]):
+    if plain and not (pretrained or config.pretrained_file or config.zero_init_last):
         # BASE is the same network with γ0 = 1 on every BN: undo timm ResNets' zeroed last-BN γ (docs/methods.md §9)
         with torch.no_grad():
             for _, _, gamma in bn_gammas(model):
                 gamma.fill_(1.0)
-    if config["cifar_stem"]:
-        model = cifar_stem(model, seed_for(config["seed"], "init-stem"))
+    if config.cifar_stem:
+        model = cifar_stem(model, seed_for(config.seed, "init-stem"))
     if reference is not None:
-        reference = cifar_stem(reference, seed_for(config["seed"], "init-stem")) if config["cifar_stem"] else reference
+        reference = cifar_stem(reference, seed_for(config.seed, "init-stem")) if config.cifar_stem else reference
         report = getattr(model, "bninit_load_report", None)
         # with pretrained weights only what they did not provide (the new classifier) comes from the shared init
         _copy_shared_weights(reference, model, only=None if report is None else set(report.initialised))
     model = apply_protocol(model, config)  # the official init and the input BN, when the recipe asks
     # a weights file loads into the finished architecture (CIFAR stem, input BN), whose keys and shapes it has; what
     # it does not provide (a new classifier) keeps the shared init
-    if config["pretrained_file"]:
+    if config.pretrained_file:
         with _transfer_warnings(config):
-            model.bninit_load_report = load_pretrained(model, config["pretrained_file"], config["bn_transfer"])
+            model.bninit_load_report = load_pretrained(model, config.pretrained_file, config.bn_transfer)
     return model
 
 
 @contextlib.contextmanager
-def _transfer_warnings(config: dict[str, Any]) -> Iterator[None]:
+def _transfer_warnings(config: Recipe) -> Iterator[None]:
     """Silence the stale-statistics warning of a γ-changing ``bn_transfer`` when the run re-estimates BN statistics
     before every evaluation anyway."""
     with warnings.catch_warnings():
-        if config["precise_bn_batches"]:
+        if config.precise_bn_batches:
             warnings.simplefilter("ignore", BNTransferWarning)
         yield
 

@@ -25,7 +25,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from . import layout
 from .analysis import GAMMA_THRESHOLDS, small_gamma_fraction
-from .report import SweepTable, format_p
+from .tables import SweepTable, format_p
 
 __all__ = ["plot_sweep", "plot_paired_differences", "plot_accuracy_per_epoch", "plot_gamma_by_depth",
            "plot_small_gamma", "plot_initial_scale", "JITTER"]

@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..gammas import bn_gammas
 from ..norm import BatchNormGamma2d
+from .recipe import Recipe
 from .seeding import rng_scope, seed_for
 
 __all__ = ["INPUT_BN_SIGMA", "apply_protocol", "apply_official_init", "InputBatchNorm", "train_per_class_subset"]
@@ -25,16 +26,16 @@ __all__ = ["INPUT_BN_SIGMA", "apply_protocol", "apply_official_init", "InputBatc
 INPUT_BN_SIGMA = 0.58  # std of ReLU(z), z ~ N(0, 1): the official input BN starts at γ0 × this (its σ_act)
 
 
-def apply_protocol(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+def apply_protocol(model: nn.Module, config: Recipe) -> nn.Module:
     """``model`` with the recipe's ``protocol`` init and ``input_bn`` applied; returns the (possibly wrapped) root.
 
     Called by ``build_model`` after the shared weights are in place. The official init draws from the seed's
     ``init-official`` stream and only for convolutions and linear layers outside norm layers, which every method of
     a seed has alike: within a seed every non-norm tensor stays identical across methods.
     """
-    if config["protocol"] == "official":
-        apply_official_init(model, seed_for(config["seed"], "init-official"))
-    if config["input_bn"]:
+    if config.protocol == "official":
+        apply_official_init(model, seed_for(config.seed, "init-official"))
+    if config.input_bn:
         model = InputBatchNorm(model)
     return model
 

@@ -11,67 +11,27 @@ import csv
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from scipy import stats
 
 from ..errors import BNInitError
 from . import layout
 from .power import PowerInputError, PowerSummary, minimum_detectable_effect, power_summary, seeds_needed
+from .tables import ALPHA, Cell, SweepTable, format_p
 
 __all__ = ["IncompleteSweepError", "Cell", "SweepTable", "PilotRow", "load_sweep", "summarise", "holm",
            "write_report", "power_markdown", "plan_from_pilot", "pilot_plan_text", "METRICS"]
 
 METRICS = layout.RESULT_METRICS
-ALPHA = 0.05
 POWER = 0.8                 # the target power of every MDE and seed count in a report
 PLANNED_SEEDS = 15          # docs/methods.md §6: the paper's 15 paired seeds
 
 
 class IncompleteSweepError(BNInitError, RuntimeError):
     """Seed sets that cannot be paired; the message lists the missing runs."""
-
-
-@dataclass
-class Cell:
-    method: str
-    lr: float
-    seeds: list[int]
-    values: list[float]
-    p: float | None = None          # one-sided paired t-test against the baseline (None for the baseline)
-    p_holm: float | None = None
-    t: float | None = None
-    power: PowerSummary | None = None   # difference to the baseline and the design's power (None: baseline, n < 2)
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.values))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else float("nan")
-
-    def significant(self, use_holm: bool) -> bool:
-        p = self.p_holm if use_holm else self.p
-        return p is not None and not math.isnan(p) and p <= ALPHA
-
-
-@dataclass
-class SweepTable:
-    dataset: str
-    metric: str
-    baseline: str
-    holm: bool
-    methods: list[str]
-    lrs: list[float]
-    cells: dict[tuple[str, float], Cell] = field(default_factory=dict)
 
 
 def load_sweep(out: str | os.PathLike) -> list[dict[str, Any]]:
@@ -139,14 +99,6 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
                 cell.p_holm = adjusted
         tables.append(table)
     return tables
-
-
-def format_p(p: float | None) -> str:
-    if p is None:
-        return "—"
-    if math.isnan(p):
-        return "n/a"
-    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _cell_text(cell: Cell | None) -> str:

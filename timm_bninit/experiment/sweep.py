@@ -30,7 +30,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
-from .recipe import RecipeError, apply_overrides, check_config, load_recipe
+from .recipe import Recipe, RecipeError, apply_overrides, check_config, import_user_modules, load_recipe
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -44,7 +44,7 @@ class RunSpec:
     lr: float
     seed: int
     run_dir: str
-    config: dict[str, Any]
+    config: Recipe
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,12 +96,14 @@ def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float] |
                out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[RunSpec]:
     """The grid recipe × method × lr × seed; within a seed only the method's overrides differ.
 
-    Every cell's configuration is checked here, before any run starts; ``lrs`` None or empty: the recipe's lr.
+    Every cell's configuration is checked here, before any run starts; ``lrs`` None or empty: the recipe's lr. The
+    recipe's ``imports`` are imported first: a method may name a norm layer one of them registers.
     """
     base = apply_overrides(load_recipe(recipe), overrides)
+    import_user_modules(base.imports)
     specs = []
     for method, method_overrides in parse_methods(methods).items():
-        for lr in lrs or [base["lr"]]:
+        for lr in lrs or [base.lr]:
             for seed in seeds:
                 config = apply_overrides(base, [*method_overrides, f"lr={lr!r}", f"seed={seed}"])
                 check_config(config)
@@ -122,7 +124,7 @@ def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
-    try:
+    try:  # in whichever process runs it (a spawned worker, a submitit or Slurm job): check_config imports `imports`
         final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir)
     except Exception as error:  # a sweep records the failure and goes on
         layout.write_error(run_dir, {"method": spec.method, "lr": spec.lr, "seed": spec.seed,
@@ -343,6 +345,6 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
 
 def _write_plan(out: Path, specs: Sequence[RunSpec]) -> None:
     """Record the grid, so ``report`` knows every run that should exist (and can name the missing ones)."""
-    layout.write_plan(out, [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config["recipe"],
-                             "dataset": s.config["dataset"], "run_dir": os.path.relpath(s.run_dir, out)}
+    layout.write_plan(out, [{"method": s.method, "lr": s.lr, "seed": s.seed, "recipe": s.config.recipe,
+                             "dataset": s.config.dataset, "run_dir": os.path.relpath(s.run_dir, out)}
                             for s in specs])

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
 from .model import build_model
 from .protocol import train_per_class_subset
-from .recipe import apply_overrides, check_config, load_recipe
+from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
 from .seeding import seed_for
 
 __all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "build_scheduler", "run_finetune",
@@ -52,7 +53,7 @@ __all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "
 class Run:
     """What one run trains: the prepared objects and the loaders."""
 
-    config: dict[str, Any]
+    config: Recipe
     accelerator: Any
     model: nn.Module
     optimizer: Any
@@ -75,36 +76,36 @@ class Run:
         return self.ema.module if self.ema is not None else self.unwrapped
 
 
-def build_optimizer(config: dict[str, Any], model: nn.Module) -> Any:
+def build_optimizer(config: Recipe, model: nn.Module) -> Any:
     """timm's optimizer over the method's parameter groups (γ at lr / c, no decay on γ, β, biases).
 
     With ``fused_optimizer``, torch's own optimizers (timm's ``sgd``, ``momentum``, ``adam``, ``adamw``, ...) get
     their fused kernel, which updates every tensor in one pass instead of timm's default per-tensor loop on a CPU: the
     same update, half the time of that loop for a resnet18 here (benchmarks/README.md).
     """
-    fused = config["fused_optimizer"] and "fused" in inspect.signature(
-        get_optimizer_info(config["optimizer"]).opt_class).parameters
-    return create_optimizer_v2(model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"],
-                               momentum=config["momentum"],
-                               param_group_fn=param_group_fn(config["weight_decay"],
-                                                             gamma_lr_div=config["gamma_lr_div"]),
+    fused = config.fused_optimizer and "fused" in inspect.signature(
+        get_optimizer_info(config.optimizer).opt_class).parameters
+    return create_optimizer_v2(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                               momentum=config.momentum,
+                               param_group_fn=param_group_fn(config.weight_decay,
+                                                             gamma_lr_div=config.gamma_lr_div),
                                **({"fused": True} if fused else {}))
 
 
-def laid_out(config: dict[str, Any], model: nn.Module) -> nn.Module:
+def laid_out(config: Recipe, model: nn.Module) -> nn.Module:
     """``model`` in the memory layout the run trains it in: NHWC weights with ``channels_last`` (every activation
     after the stem follows), else as built."""
-    return model.to(memory_format=torch.channels_last) if config["channels_last"] else model
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
-def build_scheduler(config: dict[str, Any], optimizer: Any, updates_per_epoch: int) -> Any:
+def build_scheduler(config: Recipe, optimizer: Any, updates_per_epoch: int) -> Any:
     """timm's scheduler; it stays outside ``accelerator.prepare`` and steps per update from the run's own counter."""
-    scheduler, _ = create_scheduler_v2(optimizer, config["sched"], num_epochs=config["epochs"],
-                                       warmup_epochs=config["warmup_epochs"], warmup_lr=config["warmup_lr"],
-                                       min_lr=config["min_lr"], step_on_epochs=config["step_on_epochs"],
-                                       updates_per_epoch=updates_per_epoch, decay_rate=config["decay_rate"],
-                                       **({"decay_milestones": tuple(config["decay_milestones"])}
-                                          if config["decay_milestones"] else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, config.sched, num_epochs=config.epochs,
+                                       warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
+                                       min_lr=config.min_lr, step_on_epochs=config.step_on_epochs,
+                                       updates_per_epoch=updates_per_epoch, decay_rate=config.decay_rate,
+                                       **({"decay_milestones": tuple(config.decay_milestones)}
+                                          if config.decay_milestones else {}))
     return scheduler
 
 
@@ -112,14 +113,14 @@ def build_scheduler(config: dict[str, Any], optimizer: Any, updates_per_epoch: i
 class Training:
     """What a run starts with, before any data is seen: inspect it to check a recipe against a paper."""
 
-    config: dict[str, Any]
+    config: Recipe
     model: nn.Module
     optimizer: Any
     scheduler: Any
     updates_per_epoch: int
 
 
-def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_classes: int | None = None,
+def build_training(recipe: str | os.PathLike | Recipe | Mapping[str, Any] = "demo", *, num_classes: int | None = None,
                    train_size: int | None = None, **overrides: Any) -> Training:
     """The model, optimizer and scheduler a run of ``recipe`` would start with, before any training step.
 
@@ -138,7 +139,7 @@ def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_c
                                    if isinstance(m, torch.nn.BatchNorm2d)])
 
     Args:
-        recipe: A recipe name, a .yaml path, or a resolved config.
+        recipe: A recipe name, a .yaml path, a :class:`Recipe`, or a mapping of recipe keys to values.
         num_classes: Classes of the classifier; None: from the registry entry or the data set (``classes`` if the
             recipe sets it).
         train_size: Training images after the validation split, ``train_per_class`` and ``classes`` (sets updates per
@@ -149,22 +150,27 @@ def build_training(recipe: str | os.PathLike | dict[str, Any] = "demo", *, num_c
     Returns:
         A :class:`Training`: ``config``, ``model``, ``optimizer``, ``scheduler``, ``updates_per_epoch``.
     """
-    config = dict(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    if isinstance(recipe, Recipe):
+        config = recipe
+    elif isinstance(recipe, Mapping):
+        config = recipe_from_mapping(recipe)
+    else:
+        config = load_recipe(recipe)
     config = apply_overrides(config, [f"{key}={_as_text(value)}" for key, value in overrides.items()])
     check_config(config)
-    if config["classes"]:
-        num_classes = len(config["classes"])
+    if config.classes:
+        num_classes = len(config.classes)
     declared = _declared_sizes(config) if num_classes is None or train_size is None else None
     if declared is not None:
         num_classes, train_size = num_classes or declared[0], train_size or declared[1]
     if num_classes is None or train_size is None:
         data, info = _load_data(config, None)
         num_classes = num_classes or info.num_classes
-        kept = set(config["classes"] or [])  # the run trains on the kept classes only
+        kept = set(config.classes or [])  # the run trains on the kept classes only
         train_size = train_size or sum(not kept or label in kept for label in data["train"]["label"])
     model = build_model(config, num_classes)
     optimizer = build_optimizer(config, model)
-    updates = max(1, math.ceil(train_size // config["batch_size"] / config["grad_accum_steps"]))
+    updates = max(1, math.ceil(train_size // config.batch_size / config.grad_accum_steps))
     return Training(config, model, optimizer, build_scheduler(config, optimizer, updates), updates)
 
 
@@ -175,11 +181,11 @@ def _declared_sizes(config: dict[str, Any]) -> tuple[int, int] | None:
     the local readers do not check the official sizes, and ``skip_corrupt`` may leave images out), or an entry that
     declares no sizes (``imagefolder``).
     """
-    if config["classes"] or config["train_per_class"] is not None:
+    if config.classes or config.train_per_class is not None:
         return None
-    kind, folder = resolve_source(config["dataset"], config["data_dir"])
+    kind, folder = resolve_source(config.dataset, config.data_dir)
     spec = get_dataset(kind)
-    train_size = spec.train_size(config["val_fraction"])
+    train_size = spec.train_size(config.val_fraction)
     if folder is not None or spec.num_classes is None or train_size is None:
         return None
     return spec.num_classes, train_size
@@ -189,14 +195,14 @@ def _as_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _load_data(config: dict[str, Any], data_cache_dir: str | os.PathLike | None) -> tuple[Any, Any]:
-    data, info = load_image_dataset(config["dataset"], data_dir=config["data_dir"], cache_dir=data_cache_dir,
-                                    val_fraction=config["val_fraction"], split_seed=config["split_seed"],
-                                    skip_corrupt=config["skip_corrupt"], hub_revision=config["hub_revision"])
-    if config["train_per_class"] is not None:
-        data["train"] = train_per_class_subset(data["train"], config["train_per_class"], config["split_seed"])
-    if config["classes"] and not all(0 <= c < info.num_classes for c in config["classes"]):
-        raise RunError(f"classes {config['classes']} are not all class indices of {config['dataset']} "
+def _load_data(config: Recipe, data_cache_dir: str | os.PathLike | None) -> tuple[Any, Any]:
+    data, info = load_image_dataset(config.dataset, data_dir=config.data_dir, cache_dir=data_cache_dir,
+                                    val_fraction=config.val_fraction, split_seed=config.split_seed,
+                                    skip_corrupt=config.skip_corrupt, hub_revision=config.hub_revision)
+    if config.train_per_class is not None:
+        data["train"] = train_per_class_subset(data["train"], config.train_per_class, config.split_seed)
+    if config.classes and not all(0 <= c < info.num_classes for c in config.classes):
+        raise RunError(f"classes {config.classes} are not all class indices of {config.dataset} "
                        f"(0..{info.num_classes - 1})")
     return data, info
 
@@ -218,7 +224,7 @@ def start_workers(*loaders: Any) -> None:
             iter(base)
 
 
-def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
+def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLike | None) -> Run:
     """Data, model, optimizer and scheduler of a run, prepared once by accelerate."""
     # the data-set cache is built once; the other ranks then load it. A data error is raised after the ranks met, so
     # every rank fails alike in one line instead of the others crashing at a barrier the first never reached
@@ -230,24 +236,24 @@ def build_run(config: dict[str, Any], accelerator: Any, data_cache_dir: str | os
             failure = error
     if failure is not None:
         raise failure
-    model = build_model(config, len(config["classes"]) if config["classes"] else data_info.num_classes)
-    if config["sync_bn"] and accelerator.num_processes > 1:
+    model = build_model(config, len(config.classes) if config.classes else data_info.num_classes)
+    if config.sync_bn and accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # every variant keeps its class; batch statistics over all ranks
     model = laid_out(config, model)
     initial_scale = effective_initial_scale(model)
-    if config["bn_only"]:
-        freeze_all_but_norm(model, train_classifier=config["train_classifier"])
+    if config.bn_only:
+        freeze_all_but_norm(model, train_classifier=config.train_classifier)
     loaders = build_loaders(config, data, *build_transforms(config, model))
     optimizer = build_optimizer(config, model)
     # batch_size is the global batch (split over the processes): updates per epoch do not depend on their number
-    updates_per_epoch = math.ceil(len(loaders.train) / config["grad_accum_steps"])
+    updates_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in
                     (("validation", loaders.validation), ("test", loaders.test)) if loader is not None}
-    start_workers(*eval_loaders.values(), *([loaders.calibration] if config["precise_bn_batches"] else []))
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config["ema_decay"]) if config["ema"] else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    start_workers(*eval_loaders.values(), *([loaders.calibration] if config.precise_bn_batches else []))
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
                data_info, initial_scale)
 
@@ -260,10 +266,10 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
     run.loaders.train_sampler.set_epoch(epoch)
     run.loaders.train_dataset.epoch = epoch
     model.train()
-    torch.manual_seed(seed_for(config["seed"], "train-noise", epoch))  # dropout / drop-path draws
+    torch.manual_seed(seed_for(config.seed, "train-noise", epoch))  # dropout / drop-path draws
     group_names = [g.get("name", str(i)) for i, g in enumerate(run.optimizer.param_groups)]
     loss_sum, seen, started = 0.0, 0, time.time()
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not show, leave=False)
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
     for images, labels in bar:
         with accelerator.accumulate(model):
             loss = run.criterion(model(images), labels)
@@ -279,7 +285,7 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
         seen += labels.shape[0]
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     lrs = {name: group["lr"] for name, group in zip(group_names, run.optimizer.param_groups)}  # as last used
-    if config["step_on_epochs"]:
+    if config.step_on_epochs:
         run.scheduler.step(epoch + 1)
     seconds = time.time() - started
     images = seen * accelerator.num_processes
@@ -307,8 +313,8 @@ def validate(run: Run) -> dict[str, float]:
     # the ranks' running statistics differ (each saw its share of the batches): average them first, so evaluation,
     # recalibration and every save use one set whatever the process count
     average_bn_statistics(run.accelerator, run.unwrapped, None if run.ema is None else run.ema.module)
-    if run.config["precise_bn_batches"]:
-        recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config["precise_bn_batches"])
+    if run.config.precise_bn_batches:
+        recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config.precise_bn_batches)
     return {name: evaluate(run.evaluated, loader, run.accelerator) for name, loader in run.eval_loaders.items()}
 
 
@@ -348,7 +354,7 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
     state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
     if main:
         layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
-    if run.config["log_with"]:
+    if run.config.log_with:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "lrs")}
         scalars.update({f"lr/{name}": lr for name, lr in lrs.items()}, **gamma_statistics(run.evaluated))
         run.accelerator.log(scalars, step=epoch + 1)
@@ -359,13 +365,13 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
               f"test {accuracy['test']:.2f}  {stats['images_per_s']:.1f} img/s")
 
 
-def _environment(accelerator: Any, config: dict[str, Any]) -> dict[str, Any]:
+def _environment(accelerator: Any, config: Recipe) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__, "platform": platform.platform(),
             "device": str(accelerator.device), "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "cpu_threads": torch.get_num_threads(),
-            "global_batch": config["batch_size"],
-            "per_process_batch": config["batch_size"] // accelerator.num_processes}
+            "global_batch": config.batch_size,
+            "per_process_batch": config.batch_size // accelerator.num_processes}
 
 
 def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, Any]:
@@ -384,10 +390,10 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
         "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
         "best_val_acc": state["best_val"], "test_acc_last": state["last_test"], "val_acc_last": state["last_val"],
         "selection": "validation" if run.loaders.validation else "test",
-        "epochs": config["epochs"], "seed": config["seed"], "method": {
-            "norm_layer": config["norm_layer"], "bn_transfer": config["bn_transfer"],
-            "gamma_lr_div": config["gamma_lr_div"], "bn_only": config["bn_only"],
-            "pretrained": bool(config["pretrained"] or config["pretrained_file"])},
+        "epochs": config.epochs, "seed": config.seed, "method": {
+            "norm_layer": config.norm_layer, "bn_transfer": config.bn_transfer,
+            "gamma_lr_div": config.gamma_lr_div, "bn_only": config.bn_only,
+            "pretrained": bool(config.pretrained or config.pretrained_file)},
         "initial_effective_scale": run.initial_scale, "gamma_clamp": clamp,
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
@@ -402,7 +408,22 @@ def final_gammas(model: nn.Module) -> dict[str, list[float]]:
     return {name: gamma.detach().float().cpu().tolist() for name, _, gamma in bn_gammas(model)}
 
 
-def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
+def _check_recorded_config(config: Recipe, run_dir: Path) -> None:
+    """A resumed run goes on under the recipe it started with (its ``config.yaml``, read back through the recipe's
+    checks; a key added since takes its default); another recipe is refused, never mixed into one run."""
+    recorded = layout.read_config(run_dir)
+    if recorded is None:
+        return
+    recorded = recipe_from_mapping(recorded, f"in {run_dir / layout.CONFIG_FILE}")
+    changed = [name for name in KEYS if getattr(recorded, name) != getattr(config, name)]
+    if changed:
+        shown = "; ".join(f"{name}: {_as_text(getattr(recorded, name))} there, {_as_text(getattr(config, name))} now"
+                          for name in changed)
+        raise RunError(f"{run_dir} was started with another recipe ({shown}); resume it with the recipe and overrides "
+                       f"its {layout.CONFIG_FILE} records, or start a new run directory")
+
+
+def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
                  data_cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one configuration into ``run_dir`` and return the contents of its ``final.json``.
 
@@ -418,15 +439,17 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
     finished = layout.check_new_run_dir(run_dir, resume)
     if finished is not None:
         return finished
-    accelerator = make_accelerator(config, log_with=config["log_with"], project_dir=run_dir)
+    if resume:
+        _check_recorded_config(config, run_dir)
+    accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
     state = _start_or_resume(run, run_dir, resume, show)
-    if config["log_with"]:  # TensorBoard: <run_dir>/tracking/
+    if config.log_with:  # TensorBoard: <run_dir>/tracking/
         accelerator.init_trackers("tracking", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                      for k, v in config.items()})
+                                                      for k, v in config.to_dict().items()})
     started = time.time()
-    for epoch in range(state["epoch"], config["epochs"]):
+    for epoch in range(state["epoch"], config.epochs):
         stats = train_one_epoch(run, epoch, state, show)
         _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
     final = _final_result(run, state, started)
@@ -434,7 +457,7 @@ def run_finetune(config: dict[str, Any], run_dir: str | os.PathLike, *, resume: 
         layout.write_json(run_dir / layout.GAMMAS_FILE, final_gammas(run.unwrapped))
         layout.write_final(run_dir, final)
         remove_checkpoint(run_dir)
-    if config["log_with"]:
+    if config.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return final
