@@ -13,11 +13,16 @@ Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict key
 The calibrating layers (RBN, IEBN, blend) never materialise the normalised tensor: they need only the per-(sample,
 channel) mean m and variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]``
 with small (N, C) tensors A and B; the kernels that apply it live beside this file in :mod:`timm_bninit.norm_kernels`.
+
+Every plain layer has a fused norm+act twin (:func:`norm_act_type`): the built-in ones by name, below; a subclass of
+any of them gets one derived by inheritance, so that one ``register_norm_layer`` call is all a new variant needs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,7 +45,7 @@ __all__ = [
     "InstanceEnhancementBatchNormAct2d",
     "BlendedStdBatchNorm2d",
     "BlendedStdBatchNormAct2d",
-    "VARIANT_TYPES",
+    "norm_act_type",
 ]
 
 
@@ -51,10 +56,15 @@ class BatchNormVariant:
         gamma_lr_div: divisor of γ's (``weight``'s) learning rate, read by :func:`timm_bninit.param_groups`
             (``c`` in Davis & Frank). 1 means γ trains at the base learning rate.
         extra_tensor_names: names of the per-channel ``(C,)`` tensors this layer adds to a standard BN state dict.
+        plain_bn_forward: the forward pass is ``nn.BatchNorm2d``'s (only the initialisation and γ's learning rate
+            differ), so :func:`timm_bninit.convert_sync_batchnorm` may make the layer a ``SyncBatchNormGamma``.
+            Calibrating layers (RBN, IEBN, blended-σ) synchronise their own statistics instead; a variant
+            that is neither cannot be synchronised.
     """
 
     gamma_lr_div: float = 1.0
     extra_tensor_names: tuple[str, ...] = ()
+    plain_bn_forward: bool = False
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -95,11 +105,25 @@ class BatchNormVariant:
                                       error_msgs)
 
 
+# The built-in layers' fused twins, declared beside each one (a built-in keeps its own twin class and name).
+_DECLARED_TWINS: dict[type[nn.BatchNorm2d], type[BatchNormAct2d]] = {}
+
+
+def _fused_twin_of(plain: type[nn.BatchNorm2d]) -> Callable[[type[BatchNormAct2d]], type[BatchNormAct2d]]:
+    """Class decorator: the decorated norm+act class is ``plain``'s fused twin."""
+    def declare(fused: type[BatchNormAct2d]) -> type[BatchNormAct2d]:
+        _DECLARED_TWINS[plain] = fused
+        return fused
+    return declare
+
+
 # --------------------------------------------------------------------------------------------------------------
 # γ-initialisation variants: plain BN at run time.
 
 
 class _GammaInitBase(BatchNormVariant):
+    plain_bn_forward = True
+
     def __init__(self, num_features: int, *args, gamma_init: float = 0.1, gamma_lr_div: float = 100.0, **kwargs):
         if not gamma_lr_div > 0:
             raise BNInitValueError(f"gamma_lr_div must be > 0 (the γ learning rate is base_lr / gamma_lr_div), "
@@ -127,11 +151,14 @@ class BatchNormGamma2d(_GammaInitBase, nn.BatchNorm2d):
     """
 
 
+@_fused_twin_of(BatchNormGamma2d)
 class BatchNormGammaAct2d(_GammaInitBase, BatchNormAct2d):
     """:class:`BatchNormGamma2d` fused with timm's activation (for the families built through norm+act layers)."""
 
 
 class _UniformGammaBase(BatchNormVariant):
+    plain_bn_forward = True
+
     @property
     def gamma_init_value(self) -> float | None:
         return None  # random: there is no single γ0
@@ -144,6 +171,7 @@ class BatchNormUniformGamma2d(_UniformGammaBase, nn.BatchNorm2d):
     """BatchNorm with γ ~ U(0, 1) and β = 0 (PyTorch's pre-1.2 default; Frankle, Schwab & Morcos)."""
 
 
+@_fused_twin_of(BatchNormUniformGamma2d)
 class BatchNormUniformGammaAct2d(_UniformGammaBase, BatchNormAct2d):
     """:class:`BatchNormUniformGamma2d` fused with timm's activation."""
 
@@ -413,6 +441,7 @@ class RepresentativeBatchNorm2d(_RBNBase, nn.BatchNorm2d):
     """Representative BatchNorm with feature calibration (Gao et al., CVPR 2021); see :class:`_RBNBase`."""
 
 
+@_fused_twin_of(RepresentativeBatchNorm2d)
 class RepresentativeBatchNormAct2d(_RBNBase, BatchNormAct2d):
     """:class:`RepresentativeBatchNorm2d` fused with timm's activation."""
 
@@ -495,6 +524,7 @@ class InstanceEnhancementBatchNorm2d(_IEBNBase, nn.BatchNorm2d):
     """Instance Enhancement BatchNorm (Liang et al., AAAI 2020); see :class:`_IEBNBase`."""
 
 
+@_fused_twin_of(InstanceEnhancementBatchNorm2d)
 class InstanceEnhancementBatchNormAct2d(_IEBNBase, BatchNormAct2d):
     """:class:`InstanceEnhancementBatchNorm2d` fused with timm's activation."""
 
@@ -603,6 +633,7 @@ class BlendedStdBatchNorm2d(_BlendedStdBase, nn.BatchNorm2d):
     """BatchNorm without γ, σ blended with the previous batch's; see :class:`_BlendedStdBase`."""
 
 
+@_fused_twin_of(BlendedStdBatchNorm2d)
 class BlendedStdBatchNormAct2d(_BlendedStdBase, BatchNormAct2d):
     """:class:`BlendedStdBatchNorm2d` fused with timm's activation."""
 
@@ -611,11 +642,31 @@ def _sigmoid(value: float) -> float:
     return 1.0 / (1.0 + math.exp(-value))
 
 
-# Each plain layer with its fused norm+act twin: the registry and model patching use this pairing.
-VARIANT_TYPES: dict[type[nn.BatchNorm2d], type[BatchNormAct2d]] = {
-    BatchNormGamma2d: BatchNormGammaAct2d,
-    BatchNormUniformGamma2d: BatchNormUniformGammaAct2d,
-    RepresentativeBatchNorm2d: RepresentativeBatchNormAct2d,
-    InstanceEnhancementBatchNorm2d: InstanceEnhancementBatchNormAct2d,
-    BlendedStdBatchNorm2d: BlendedStdBatchNormAct2d,
-}
+@functools.cache
+def norm_act_type(layer_type: type) -> type[BatchNormAct2d] | None:
+    """The fused norm+act twin of a timm-bninit layer class, for the model families built through timm's norm+act
+    registry (efficientnet, regnet, resnetv2, ...).
+
+    A built-in layer has its own (``RepresentativeBatchNorm2d`` → ``RepresentativeBatchNormAct2d``). Any other
+    subclass of a timm-bninit layer gets one derived by inheritance, ``class <Name>Act2d(layer_type,
+    BatchNormAct2d)``: its own methods (zero-argument ``super()`` included) run unchanged, with timm's activation and
+    drop path after them, and every call returns the same class. Such a derived class is not importable by name, so
+    a whole pickled module (not its state dict) needs the user's own twin: ``register_norm_layer(name, layer,
+    norm_act_layer=...)``.
+
+    Returns:
+        The twin, or None for a class that is not a plain (non-fused) timm-bninit layer.
+
+    Example::
+
+        fused = norm_act_type(MyVariant2d)(64, act_layer=nn.SiLU)
+    """
+    if layer_type in _DECLARED_TWINS:
+        return _DECLARED_TWINS[layer_type]
+    if not (isinstance(layer_type, type) and issubclass(layer_type, BatchNormVariant)
+            and issubclass(layer_type, nn.BatchNorm2d)) or issubclass(layer_type, BatchNormAct2d):
+        return None
+    stem = layer_type.__name__.removesuffix("2d")
+    name = f"{stem}Act2d" if stem != layer_type.__name__ else f"{stem}Act"
+    doc = f":class:`{layer_type.__qualname__}` fused with timm's activation (derived by ``norm_act_type``)."
+    return type(name, (layer_type, BatchNormAct2d), {"__module__": layer_type.__module__, "__doc__": doc})
