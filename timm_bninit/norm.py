@@ -13,6 +13,8 @@ Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict key
 The calibrating layers (RBN, IEBN, blend) never materialise the normalised tensor: they need only the per-(sample,
 channel) mean m and variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]``
 with small (N, C) tensors A and B; the kernels that apply it live beside this file in :mod:`timm_bninit.norm_kernels`.
+A new calibrating variant subclasses :class:`CalibratedBatchNorm2d` and writes only the forward coefficients; it
+trains through autograd, and the built-in ones' hand-written backward is an optimisation tested against that path.
 
 Every plain layer has a fused norm+act twin (:func:`norm_act_type`): the built-in ones by name, below; a subclass of
 any of them gets one derived by inheritance, so that one ``register_norm_layer`` call is all a new variant needs.
@@ -31,7 +33,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from .errors import BNInitValueError
-from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine, read_state
+from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane, plane_affine, read_state
 
 __all__ = [
     "BatchNormVariant",
@@ -45,6 +47,7 @@ __all__ = [
     "InstanceEnhancementBatchNormAct2d",
     "BlendedStdBatchNorm2d",
     "BlendedStdBatchNormAct2d",
+    "CalibratedBatchNorm2d",
     "norm_act_type",
 ]
 
@@ -58,7 +61,7 @@ class BatchNormVariant:
         extra_tensor_names: names of the per-channel ``(C,)`` tensors this layer adds to a standard BN state dict.
         plain_bn_forward: the forward pass is ``nn.BatchNorm2d``'s (only the initialisation and γ's learning rate
             differ), so :func:`timm_bninit.convert_sync_batchnorm` may make the layer a ``SyncBatchNormGamma``.
-            Calibrating layers (RBN, IEBN, blended-σ) synchronise their own statistics instead; a variant
+            Calibrating layers (:class:`CalibratedBatchNorm2d`) synchronise their own statistics instead; a variant
             that is neither cannot be synchronised.
     """
 
@@ -200,7 +203,15 @@ class _BatchMoments(NamedTuple):
 
 
 class _CalibratedBase(BatchNormVariant):
-    """Forward machinery shared by RBN, IEBN and the blended-σ layer.
+    """Forward machinery shared by RBN, IEBN, the blended-σ layer and any calibrating variant built on
+    :class:`CalibratedBatchNorm2d`.
+
+    A variant writes the forward coefficients only: :meth:`_calibration_params`, :meth:`_batch_coefficients` (which
+    takes its batch statistics from :meth:`_batch_mean_var`, so that they synchronise and feed the running
+    statistics) and :meth:`_normalize_with_running_stats`. It then trains through plain autograd: differentiable
+    per-plane moments → coefficients → ``x·A + B'``. A class that also writes :meth:`_batch_coefficients_backward`
+    trains through :class:`~timm_bninit.norm_kernels.PlaneAffineFunction` instead, the same computation with a
+    closed-form backward (the built-in layers, for speed); the tests check one against the other.
 
     Attributes:
         sync_batch_stats: in training, compute the batch statistics (μ, σ² per channel) over the batches of every
@@ -209,10 +220,14 @@ class _CalibratedBase(BatchNormVariant):
             A flag on the same class, not a subclass, so that state-dict keys, ``isinstance`` checks and the
             registry's plain/Act pairing are the same for synchronised layers.
         process_group: see ``sync_batch_stats``.
+        force_autograd: train through plain autograd even though the class has a hand-written backward. Set it on
+            a layer (``layer.force_autograd = True``) or a class, e.g. to check the fused backward against autograd
+            or to develop a variant from a built-in one; it changes speed, not results (up to rounding).
     """
 
     sync_batch_stats: bool = False
     process_group: dist.ProcessGroup | None = None
+    force_autograd: bool = False
 
     def _stats_dtype(self, x: torch.Tensor) -> torch.dtype:
         # statistics in at least float32 (as BN does under mixed precision); float64 stays float64 for gradcheck
@@ -303,26 +318,49 @@ class _CalibratedBase(BatchNormVariant):
 
     def _batch_coefficients(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int,
                             *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, _BatchMoments, tuple]:
-        """Training mode: (A, B') with ``y = x·A + B'`` from the per-plane mean and variance, the batch moments, and
-        what :meth:`_batch_coefficients_backward` needs. Changes no state: :meth:`_update_batch_state` does, after
-        the autograd Function."""
+        """Training mode: (A, B') with ``y = x·A + B'`` ((N, C) or (C,) each) from the per-plane mean m and biased
+        variance v (N, C), the batch moments from :meth:`_batch_mean_var`, and what
+        :meth:`_batch_coefficients_backward` needs (anything, e.g. ``()``, for a variant without one). Written with
+        out-of-place tensor ops it is differentiable, which is all the autograd path needs. Changes no state:
+        :meth:`_update_batch_state` does, after the forward."""
         raise NotImplementedError
 
     def _batch_coefficients_backward(self, saved: tuple, grad_scale: torch.Tensor, grad_shift: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Given ∂L/∂A and ∂L/∂B of the centred form ``y = (x − m)·A + B`` (per plane): ∂L/∂m (N, C), ∂L/∂v
-        (broadcastable to (N, C)) and the gradients of :meth:`_calibration_params`."""
+        """Optional, for speed: given ∂L/∂A and ∂L/∂B of the centred form ``y = (x − m)·A + B`` (per plane): ∂L/∂m
+        (N, C), ∂L/∂v (broadcastable to (N, C)) and the gradients of :meth:`_calibration_params`."""
         raise NotImplementedError
 
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: the layer's output from the running statistics (differentiable in the parameters)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sync_batch_stats=True" if self.sync_batch_stats else super().extra_repr()
 
+    def uses_fused_backward(self) -> bool:
+        """Whether training takes the hand-written backward (:class:`PlaneAffineFunction`) rather than autograd."""
+        return not self.force_autograd and _has_own_backward(type(self))
+
+    def _autograd_batch_forward(self, x: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :class:`PlaneAffineFunction` returns (y; μ, σ² and unbiased σ² without gradient), differentiated by
+        autograd: differentiable per-plane moments → :meth:`_batch_coefficients` → ``x·A + B'``."""
+        stats_dtype = self._stats_dtype(x)
+        mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
+        var_nc = (x - plane(mean_nc)).square().mean(dim=(2, 3))  # two-pass, as BN: no E[x²] − E[x]² cancellation
+        scale, shift, moments, _ = self._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3],
+                                                            *self._calibration_params())
+        y = torch.addcmul(plane(shift), x, plane(scale)).to(x.dtype)  # in the statistics' dtype, stored in x's
+        mean, var = moments.mean.detach(), moments.var.detach()
+        return y, mean, var, var * (moments.count / max(moments.count - 1, 1))
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
-            y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            if self.uses_fused_backward():
+                y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            else:
+                y, mean, var, unbiased_var = self._autograd_batch_forward(x)
             self._update_batch_state(mean, var, unbiased_var)
             return y
         return self._normalize_with_running_stats(x)
@@ -338,6 +376,31 @@ class _CalibratedBase(BatchNormVariant):
         if isinstance(self, BatchNormAct2d):
             y = self.act(self.drop(y))
         return y
+
+
+# The forward methods a hand-written backward is derived from. A subclass that overrides one of them below the class
+# whose _batch_coefficients_backward it inherits would pair a new forward with an old backward: it takes autograd.
+_COEFFICIENT_METHODS = ("_calibration_params", "_batch_coefficients", "_coefficients", "_batch_mean_var")
+
+
+@functools.cache
+def _has_own_backward(layer_type: type) -> bool:
+    """Whether ``layer_type``'s closed-form backward belongs to its forward coefficients (walks the MRO)."""
+    for klass in layer_type.__mro__:
+        defined = vars(klass)
+        if "_batch_coefficients_backward" in defined:
+            return klass is not _CalibratedBase
+        if any(name in defined for name in _COEFFICIENT_METHODS):
+            return False
+    return False
+
+
+class CalibratedBatchNorm2d(_CalibratedBase, nn.BatchNorm2d):
+    """Base class of a calibrating variant defined outside timm-bninit (see :class:`_CalibratedBase` for the three
+    methods to write). It trains through autograd, synchronises under :func:`timm_bninit.convert_sync_batchnorm`,
+    and :func:`norm_act_type` derives its fused twin, so one ``register_norm_layer`` call makes it a norm layer of
+    every timm family.
+    """
 
 
 class _RBNBase(_CalibratedBase):

@@ -134,6 +134,7 @@ def register_norm_layer(name: str, layer: LayerFactory, norm_act_layer: LayerFac
     Example::
 
         register_norm_layer("bn_gamma02", functools.partial(BatchNormGamma2d, gamma_init=0.2))
+        register_norm_layer("scaled_bn", ScaledBatchNorm2d)  # a CalibratedBatchNorm2d subclass of your own
     """
     _check_timm_registries()
     _install_explaining_maps()

@@ -7,7 +7,7 @@ computation. :func:`convert_sync_batchnorm` instead
 * converts the variants that are plain BN at run time (``plain_bn_forward``: the γ-init and uniform-γ layers and
   subclasses of them that keep BN's forward) to :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`, which
   keep ``gamma_init`` and ``gamma_lr_div`` so :func:`timm_bninit.param_groups` still divides γ's rate;
-* keeps calibrating layers (RBN, IEBN, blended-σ BN, any subclass of them,
+* keeps calibrating layers (RBN, IEBN, blended-σ BN, any :class:`~timm_bninit.norm.CalibratedBatchNorm2d` subclass,
   and their Act twins) as they are and switches on their own synchronised batch statistics (``sync_batch_stats``):
   their per-channel μ and σ² are BN's and are all-gathered across processes, while their calibrations stay per
   sample. Class, state-dict keys and parameters are unchanged;
@@ -209,7 +209,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         raise VariantSyncError(
             f"cannot synchronise {len(unsyncable)} norm layers whose batch statistics timm-bninit does not know: "
             f"{shown}. Drop sync_bn=true to train them with per-device batch statistics, or derive the variant from "
-            f"BatchNormGamma2d (plain BN at run time) or a calibrating layer class, which synchronise.")
+            f"BatchNormGamma2d (plain BN at run time) or CalibratedBatchNorm2d, which synchronise.")
     return _convert(module, process_group)
 
 
