@@ -338,9 +338,16 @@ class _CalibratedBase(BatchNormVariant):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sync_batch_stats=True" if self.sync_batch_stats else super().extra_repr()
 
+    _backward_matches_forward: bool = False  # per class, set when the class is created (see __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # decided once per class: a plain attribute read in forward, which torch.compile traces as a constant
+        cls._backward_matches_forward = _has_own_backward(cls)
+
     def uses_fused_backward(self) -> bool:
         """Whether training takes the hand-written backward (:class:`PlaneAffineFunction`) rather than autograd."""
-        return not self.force_autograd and _has_own_backward(type(self))
+        return not self.force_autograd and self._backward_matches_forward
 
     def _autograd_batch_forward(self, x: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -383,7 +390,6 @@ class _CalibratedBase(BatchNormVariant):
 _COEFFICIENT_METHODS = ("_calibration_params", "_batch_coefficients", "_coefficients", "_batch_mean_var")
 
 
-@functools.cache
 def _has_own_backward(layer_type: type) -> bool:
     """Whether ``layer_type``'s closed-form backward belongs to its forward coefficients (walks the MRO)."""
     for klass in layer_type.__mro__:
