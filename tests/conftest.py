@@ -32,3 +32,28 @@ def offline_hub(monkeypatch):
     yield
     if bars:
         datasets.enable_progress_bars()
+
+
+@pytest.fixture
+def restore_registries():
+    """Snapshot timm-bninit's and timm's registries; the returned function (also run at teardown) puts them back.
+
+    Restores in place: timm's functions read the module globals, and timm-bninit replaced the dicts with subclasses.
+    """
+    from timm.layers import create_norm as timm_norm
+    from timm.layers import create_norm_act as timm_norm_act
+
+    from timm_bninit import registry as bninit_registry
+
+    containers = [bninit_registry._REGISTRY, timm_norm._NORM_MAP, timm_norm._NORM_TYPES, timm_norm_act._NORM_ACT_MAP,
+                  timm_norm_act._NORM_ACT_TYPES, timm_norm_act._NORM_TO_NORM_ACT_MAP,
+                  timm_norm_act._NORM_ACT_REQUIRES_ARG]
+    saved = [container.copy() for container in containers]
+
+    def restore():
+        for container, copy in zip(containers, saved):
+            container.clear()
+            container.update(copy)
+
+    yield restore
+    restore()

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from variants import distinct_forms, factory, names
 
 import timm_bninit as tb
 
@@ -29,26 +30,37 @@ def pretrained_like(arch, seed=0, **kwargs):
     return model
 
 
-@pytest.mark.parametrize(("arch", "names"), [
-    ("resnet18", ("bn_gamma01", "bn_uniform", "rbn_unit", "iebn_unit")),
-    ("efficientnet_b0", ("bn_gamma01", "rbn_unit")),
-    ("mobilenetv3_small_050", ("bn_gamma1", "iebn_unit", "rbn_unit")),
-    ("vgg11_bn", ("bn_gamma05",)),
-    ("dla34", ("rbn_unit",)),
-    ("rexnet_100", ("iebn_unit",)),
-    ("regnetx_002", ("bn_uniform", "rbn_unit")),
-])
-def test_keep_preserves_eval_outputs(arch, names):
+def computes_bn_at_init(name: str) -> bool:
+    """Whether the variant computes exactly what BN does with the same γ (keep then preserves the model): it has a γ
+    and its calibration, if any, starts as the identity."""
+    layer = factory(name)(4)
+    return isinstance(layer.weight, nn.Parameter) and getattr(layer, "initial_scale", 1.0) == 1.0
+
+
+KEEP_EXACT = [name for name in distinct_forms() if computes_bn_at_init(name)]
+
+
+def test_keep_exact_variants_are_the_identity_start_ones():
+    # BN at init (docs/methods.md §9): the γ-init and uniform variants, and only the _unit forms of RBN and IEBN
+    assert {type(factory(name)(4)).__name__ for name in KEEP_EXACT} == {
+        "BatchNormGamma2d", "BatchNormUniformGamma2d", "RepresentativeBatchNorm2d", "InstanceEnhancementBatchNorm2d"}
+    assert all(factory(name)(4).identity_init for name in KEEP_EXACT if name in names("calibrated"))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "vgg11_bn", "dla34",
+                                  "rexnet_100", "regnetx_002"])
+def test_keep_preserves_eval_outputs(arch):
     model = pretrained_like(arch)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     expected = model(x)
-    for name in names:
+    for name in KEEP_EXACT:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # keep must not warn about stale statistics
             converted = tb.convert_norm(copy.deepcopy(model), name, bn_transfer="keep")
         layers = bn_layers(converted)
         assert layers and all(isinstance(m, tb.BatchNormVariant) for m in layers), name
         torch.testing.assert_close(converted(x), expected, rtol=1e-10, atol=1e-10, msg=f"{arch} {name}")
+        del converted
 
 
 def test_fused_layers_keep_their_activation_and_drop_path():

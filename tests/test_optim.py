@@ -8,6 +8,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
+from variants import factory, names
 
 import timm_bninit as tb
 
@@ -43,6 +44,27 @@ def test_calibration_parameters_have_no_decay_and_gamma_has_base_rate_in_rbn():
                    for p in (m.centering_weight, m.scaling_weight, m.scaling_bias)]
     assert ids(calibration) <= ids(groups["no_decay"]["params"])
     assert groups["bn_gamma"]["lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_registered_variant_groups_its_gamma_and_its_own_parameters(name):
+    """param_groups knows no variant by name: any BN subclass's γ goes to the γ group at 1/gamma_lr_div, its β and
+    extra per-channel parameters to no_decay."""
+    plain, fused = factory(name)(4), factory(name, fused=True)(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), plain, nn.Conv2d(4, 4, 1), fused)
+    groups = by_name(tb.param_groups(model, weight_decay=1e-4))
+    norms = (plain, fused)
+    gammas = [m.weight for m in norms if isinstance(m.weight, nn.Parameter)]  # the blended-σ layer has no γ
+    extras = [getattr(m, extra) for m in norms for extra in m.extra_tensor_names
+              if isinstance(getattr(m, extra), nn.Parameter)]
+    assert ids(groups["decay"]["params"]) == ids([model[0].weight, model[2].weight])
+    assert ids(groups["no_decay"]["params"]) == ids([model[0].bias, model[2].bias, *(m.bias for m in norms), *extras])
+    if gammas:
+        assert ids(groups["bn_gamma"]["params"]) == ids(gammas)
+        assert groups["bn_gamma"]["lr_scale"] == 1.0 / plain.gamma_lr_div and groups["bn_gamma"]["weight_decay"] == 0
+    else:
+        assert "bn_gamma" not in groups
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
 def test_plain_bn_gamma_can_be_divided_and_frozen_params_are_left_out():

@@ -14,6 +14,7 @@ from timm.layers import BatchNormAct2d
 from timm.layers import create_norm as timm_norm
 from timm.layers import create_norm_act as timm_norm_act
 from torch import nn
+from variants import base_type, names
 
 import timm_bninit
 from timm_bninit import (
@@ -23,44 +24,27 @@ from timm_bninit import (
     BlendedStdBatchNorm2d,
     BlendedStdBatchNormAct2d,
     InstanceEnhancementBatchNorm2d,
-    InstanceEnhancementBatchNormAct2d,
     RepresentativeBatchNorm2d,
     RepresentativeBatchNormAct2d,
     UnknownNormLayerError,
     register_norm_layer,
 )
 from timm_bninit import registry as bninit_registry
+from timm_bninit.norm import norm_act_type
 
-GAMMA_NAMES = {"bn_gamma001": 0.01, "bn_gamma005": 0.05, "bn_gamma01": 0.1, "bn_gamma025": 0.25, "bn_gamma05": 0.5,
-               "bn_gamma075": 0.75, "bn_gamma1": 1.0}
-BLEND_NAMES = {"bn_blend01": 0.1, "bn_blend025": 0.25, "bn_blend05": 0.5, "bn_blend075": 0.75, "bn_blend09": 0.9}
-CALIBRATED_NAMES = {  # name -> (plain class, fused class, identity_init)
-    "rbn": (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, False),
-    "rbn_unit": (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, True),
-    "iebn": (InstanceEnhancementBatchNorm2d, InstanceEnhancementBatchNormAct2d, False),
-    "iebn_unit": (InstanceEnhancementBatchNorm2d, InstanceEnhancementBatchNormAct2d, True),
-}
-BUILTIN_NAMES = {*GAMMA_NAMES, *BLEND_NAMES, *CALIBRATED_NAMES, "bn_uniform"}
+# The grids the methods specify (docs/methods.md §1: γ0; §4: α); a registered name spells its value, bn_gamma025 = 0.25
+GAMMA_GRID = [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
+BLEND_GRID = [0.1, 0.25, 0.5, 0.75, 0.9]
+GAMMA_NAMES = names(of=BatchNormGamma2d)
+BLEND_NAMES = names(of=BlendedStdBatchNorm2d)
+CALIBRATED_NAMES = names(of=(RepresentativeBatchNorm2d, InstanceEnhancementBatchNorm2d))  # with and without _unit
+BUILTIN_NAMES = names()
 
 
-@pytest.fixture
-def restore_registries():
-    """Snapshot timm-bninit's and timm's registries; the returned function (also run at teardown) puts them back.
-
-    Restores in place: timm's functions read the module globals, and timm-bninit replaced the dicts with subclasses.
-    """
-    containers = [bninit_registry._REGISTRY, timm_norm._NORM_MAP, timm_norm._NORM_TYPES, timm_norm_act._NORM_ACT_MAP,
-                  timm_norm_act._NORM_ACT_TYPES, timm_norm_act._NORM_TO_NORM_ACT_MAP,
-                  timm_norm_act._NORM_ACT_REQUIRES_ARG]
-    saved = [container.copy() for container in containers]
-
-    def restore():
-        for container, copy in zip(containers, saved):
-            container.clear()
-            container.update(copy)
-
-    yield restore
-    restore()
+def value_in_name(name: str, prefix: str) -> float:
+    """``bn_gamma025`` → 0.25, ``bn_gamma1`` → 1.0: the digits after ``prefix`` with the point after the first."""
+    digits = name.removeprefix(prefix)
+    return float(f"{digits[0]}.{digits[1:]}") if len(digits) > 1 else float(digits)
 
 
 def batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -77,12 +61,18 @@ def act_types(model: nn.Module) -> Counter:
 def test_all_builtin_names_registered():
     names = timm_bninit.list_norm_layers()
     assert len(BUILTIN_NAMES) == 17
-    assert set(names) >= BUILTIN_NAMES
+    assert set(names) >= set(BUILTIN_NAMES)
     assert names == sorted(names)
+    # the names are the methods' grids and forms, no more and no less
+    assert sorted(value_in_name(name, "bn_gamma") for name in GAMMA_NAMES) == GAMMA_GRID
+    assert sorted(value_in_name(name, "bn_blend") for name in BLEND_NAMES) == BLEND_GRID
+    assert sorted(CALIBRATED_NAMES) == ["iebn", "iebn_unit", "rbn", "rbn_unit"]
+    assert set(BUILTIN_NAMES) == {*GAMMA_NAMES, *BLEND_NAMES, *CALIBRATED_NAMES, "bn_uniform"}
 
 
-@pytest.mark.parametrize(("name", "gamma_init"), list(GAMMA_NAMES.items()))
-def test_gamma_names_build_their_gamma0(name, gamma_init):
+@pytest.mark.parametrize("name", GAMMA_NAMES)
+def test_gamma_names_build_their_gamma0(name):
+    gamma_init = value_in_name(name, "bn_gamma")
     layer = timm.layers.get_norm_layer(name)(8)
     assert type(layer) is BatchNormGamma2d
     assert layer.gamma_init == gamma_init and layer.gamma_lr_div == 100.0
@@ -92,8 +82,9 @@ def test_gamma_names_build_their_gamma0(name, gamma_init):
     assert torch.all(fused.weight == gamma_init)
 
 
-@pytest.mark.parametrize(("name", "alpha"), list(BLEND_NAMES.items()))
-def test_blend_names_build_their_alpha(name, alpha):
+@pytest.mark.parametrize("name", BLEND_NAMES)
+def test_blend_names_build_their_alpha(name):
+    alpha = value_in_name(name, "bn_blend")
     layer = timm.layers.get_norm_layer(name)(8)
     assert type(layer) is BlendedStdBatchNorm2d
     assert layer.prev_std_weight == alpha
@@ -102,14 +93,29 @@ def test_blend_names_build_their_alpha(name, alpha):
     assert type(fused) is BlendedStdBatchNormAct2d and fused.prev_std_weight == alpha
 
 
-@pytest.mark.parametrize("name", list(CALIBRATED_NAMES))
+@pytest.mark.parametrize("name", CALIBRATED_NAMES)
 def test_calibrated_names_build_their_identity_init(name):
-    plain, fused_type, identity_init = CALIBRATED_NAMES[name]
+    plain, identity_init = base_type(timm_bninit.get_norm_layer(name)), name.endswith("_unit")
+    # a built-in keeps its own fused class, named after it: RepresentativeBatchNorm2d -> RepresentativeBatchNormAct2d
+    fused_type = getattr(timm_bninit, plain.__name__.replace("BatchNorm2d", "BatchNormAct2d"))
+    assert norm_act_type(plain) is fused_type
     layer = timm.layers.get_norm_layer(name)(8)
     assert type(layer) is plain and layer.identity_init is identity_init
     assert (layer.initial_scale == 1.0) is identity_init
     fused = timm_bninit.get_norm_act_layer(name)(8, act_layer=nn.SiLU)
     assert type(fused) is fused_type and fused.identity_init is identity_init and isinstance(fused.act, nn.SiLU)
+
+
+def test_variant_types_are_read_from_the_registrations(restore_registries):
+    builtin = {base_type(timm_bninit.get_norm_layer(name)) for name in BUILTIN_NAMES}
+    assert {cls: norm_act_type(cls) for cls in builtin} == timm_bninit.VARIANT_TYPES
+
+    class OwnGamma2d(BatchNormGamma2d):
+        pass
+
+    register_norm_layer("own_gamma", OwnGamma2d)
+    assert timm_bninit.VARIANT_TYPES[OwnGamma2d] is norm_act_type(OwnGamma2d)
+    assert norm_act_type(OwnGamma2d).__name__ == "OwnGammaAct2d"
 
 
 def test_uniform_name():
@@ -242,13 +248,14 @@ def test_custom_partial_through_create_model(restore_registries):
     assert "bn_gamma02" not in timm_bninit.list_norm_layers()
 
 
-@pytest.mark.parametrize("norm_layer", [functools.partial(BatchNormGamma2d, gamma_init=0.2), RepresentativeBatchNorm2d])
+@pytest.mark.parametrize("norm_layer", [functools.partial(BatchNormGamma2d, gamma_init=0.2),
+                                        *sorted({base_type(timm_bninit.get_norm_layer(name)) for name in BUILTIN_NAMES},
+                                                key=lambda cls: cls.__name__)])
 def test_norm_act_families_accept_the_classes_themselves(norm_layer):
     """Given a class (not a name), timm finds the fused twin by class name and still passes the family's act."""
     model = timm.create_model("efficientnet_b0", norm_layer=norm_layer, num_classes=4)
-    base = norm_layer.func if isinstance(norm_layer, functools.partial) else norm_layer
     norms = batch_norms(model)
-    assert norms and all(type(m) is timm_bninit.VARIANT_TYPES[base] for m in norms)
+    assert norms and all(type(m) is norm_act_type(base_type(norm_layer)) for m in norms)
     assert act_types(model) == act_types(timm.create_model("efficientnet_b0", num_classes=4))
     if isinstance(norm_layer, functools.partial):
         assert all(m.gamma_init == 0.2 for m in norms)

@@ -1,11 +1,13 @@
-"""SyncBatchNorm: conversion keeps every variant, and synchronised RBN / IEBN / blended-σ layers on 2 processes equal
-the 1-process layer on the full batch.
+"""SyncBatchNorm: conversion keeps every variant, and synchronised variants on 2 processes equal the 1-process layer
+on the full batch.
 
 The distributed half spawns one 2-process gloo job (CPU, float64) for the whole module; each rank runs every case on
 its shard of the same batches and saves what it saw. The reference is the unconverted layer run here, in one process,
 on the full batch (the allowed reference for distributed code): outputs, input gradients, parameter gradients summed
 over ranks (each rank's loss is its shard's part of the full batch's sum), running statistics, blended-σ's σ_prev
-after two steps, and a DDP-wrapped model after two SGD steps.
+after two steps, and a DDP-wrapped model after two SGD steps. The cases are every registered variant, plain and
+fused, the calibrating ones also through the autograd path, a few option variations, plain BN, and the variant
+tests/test_user_variant.py defines outside the package.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import functools
 import os
 import warnings
 import zlib
+from collections.abc import Callable
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_user_variant import ScaledBatchNorm2d
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from variants import distinct_forms, factory, names
 
 import timm_bninit as tb
 from timm_bninit.norm import BatchNormVariant
@@ -31,26 +36,35 @@ STEPS = 2  # two training steps, so that blended-σ's σ_prev (the previous glob
 WORLD = 2
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
-LAYERS = {
-    "rbn": tb.RepresentativeBatchNorm2d,
-    "rbn_unit": functools.partial(tb.RepresentativeBatchNorm2d, identity_init=True),
-    "rbn_act": tb.RepresentativeBatchNormAct2d,
-    "iebn": tb.InstanceEnhancementBatchNorm2d,
-    "iebn_unit": functools.partial(tb.InstanceEnhancementBatchNorm2d, identity_init=True),
-    "iebn_act": tb.InstanceEnhancementBatchNormAct2d,
-    "blend": functools.partial(tb.BlendedStdBatchNorm2d, prev_std_weight=0.3),
-    "blend_act": functools.partial(tb.BlendedStdBatchNormAct2d, prev_std_weight=0.3),
-    "rbn_noaffine": functools.partial(tb.RepresentativeBatchNorm2d, affine=False),
-    "iebn_cma": functools.partial(tb.InstanceEnhancementBatchNorm2d, momentum=None),  # cumulative running average
-    "iebn_uneven": tb.InstanceEnhancementBatchNorm2d,
-    # plain BN and the γ-init variants become (Gloo)SyncBatchNorm: torch's kernels refuse CPU tensors
-    "bn": nn.BatchNorm2d,
-    "bn_act": functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.ReLU),
-    "bn_gamma": functools.partial(tb.BatchNormGamma2d, gamma_init=0.1),
-    "bn_gamma_act": functools.partial(tb.BatchNormGammaAct2d, gamma_init=0.1),
-    "bn_cma": functools.partial(nn.BatchNorm2d, momentum=None),
-    "bn_uneven": nn.BatchNorm2d,
-}
+
+def _through_autograd(layer_factory: Callable[..., nn.Module], *args, **kwargs) -> nn.Module:
+    layer = layer_factory(*args, **kwargs)
+    layer.force_autograd = True
+    return layer
+
+
+def _cases() -> dict[str, Callable[..., nn.Module]]:
+    """Every registered variant (plain and fused), the calibrating ones through autograd too, option variations of
+    one name per code path, plain BN (torch's and timm's), and a user's variant."""
+    cases: dict[str, Callable[..., nn.Module]] = {}
+    for name in names():
+        cases[name], cases[f"{name}_act"] = factory(name), factory(name, fused=True)
+    for name in names("calibrated"):
+        cases[f"{name}_autograd"] = functools.partial(_through_autograd, factory(name))
+        cases[f"{name}_act_autograd"] = functools.partial(_through_autograd, factory(name, fused=True))
+    for name in distinct_forms("calibrated"):
+        cases[f"{name}_noaffine"] = functools.partial(factory(name), affine=False)
+    for name in distinct_forms():
+        cases[f"{name}_cma"] = functools.partial(factory(name), momentum=None)  # cumulative running average
+        cases[f"{name}_uneven"] = factory(name)
+    # plain BN becomes (Gloo)SyncBatchNorm: torch's kernels refuse CPU tensors
+    cases.update({"bn": nn.BatchNorm2d, "bn_act": functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.ReLU),
+                  "bn_cma": functools.partial(nn.BatchNorm2d, momentum=None), "bn_uneven": nn.BatchNorm2d,
+                  "user_scaled": ScaledBatchNorm2d, "user_scaled_act": tb.norm.norm_act_type(ScaledBatchNorm2d)})
+    return cases
+
+
+LAYERS = _cases()
 # (first rank's samples, second rank's): equal halves, and one uneven split, where ranks weigh by their counts
 SPLITS = {kind: (2, 5) if kind.endswith("_uneven") else (3, 3) for kind in [*LAYERS, "model"]}
 
@@ -99,10 +113,14 @@ def run_layer(layer: nn.Module, kind: str, rows: slice) -> dict[str, object]:
 
 
 def make_model() -> nn.Module:
+    """A conv between every two norm layers: one calibrating layer per code path, fused and plain in turn, and the
+    user's variant (autograd) last."""
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), tb.RepresentativeBatchNormAct2d(4), nn.Conv2d(4, 4, 1),
-                         tb.InstanceEnhancementBatchNorm2d(4), nn.Conv2d(4, C, 1),
-                         tb.BlendedStdBatchNorm2d(C, prev_std_weight=0.5)).double().train()
+    layers: list[nn.Module] = [nn.Conv2d(C, 4, 3, padding=1)]
+    for index, name in enumerate(distinct_forms("calibrated")):
+        layers += [factory(name, fused=index % 2 == 0)(4), nn.Conv2d(4, 4, 1)]
+    layers += [nn.Conv2d(4, C, 1), ScaledBatchNorm2d(C)]
+    return nn.Sequential(*layers).double().train()
 
 
 def train_model(model: nn.Module, rows: slice, loss_scale: float) -> dict[str, torch.Tensor]:
@@ -193,22 +211,30 @@ def test_ddp_training_with_synced_variants_equals_one_process(ranks):
 # ---- conversion (one process) -----------------------------------------------------------------------------------
 
 
-def test_sync_conversion_keeps_gamma_variants():
-    model = tb.create_model("resnet18", "bn_gamma01")
+@pytest.mark.parametrize("name", distinct_forms("plain"))
+def test_sync_conversion_keeps_plain_bn_variants(name):
+    reference = factory(name)(4)
+    if isinstance(reference, tb.BatchNormGamma2d):
+        assert reference.gamma_lr_div == 100  # Davis & Frank's c
     for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm,
                     tb.convert_sync_batchnorm):
-        synced = convert(tb.create_model("resnet18", "bn_gamma01"))
+        model = tb.create_model("resnet18", name)
+        gammas = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        synced = convert(model)
         layers = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        assert layers and all(isinstance(m, tb.SyncBatchNormGamma) and m.gamma_lr_div == 100 for m in layers)
-        assert all(torch.all(m.weight == 0.1) for m in layers)
+        assert layers and all(isinstance(m, tb.SyncBatchNormGamma) and m.gamma_lr_div == reference.gamma_lr_div
+                              for m in layers)
+        assert len(layers) == len(gammas) and all(torch.equal(m.weight, g) for m, g in zip(layers, gammas))
+        if reference.gamma_init_value is not None:
+            assert all(torch.all(m.weight == reference.gamma_init_value) for m in layers)
         groups = {g["name"]: g for g in tb.param_groups(synced)}
-        assert groups["bn_gamma"]["lr_scale"] == 0.01 and len(groups["bn_gamma"]["params"]) == len(layers)
-    fused = timm.layers.convert_sync_batchnorm(tb.create_model("efficientnet_b0", "bn_gamma01"))
+        assert groups["bn_gamma"]["lr_scale"] == 1 / reference.gamma_lr_div
+        assert len(groups["bn_gamma"]["params"]) == len(layers)
+    fused = timm.layers.convert_sync_batchnorm(tb.create_model("efficientnet_b0", name))
     assert isinstance(fused.bn1, tb.SyncBatchNormGammaAct) and isinstance(fused.bn1.act, nn.SiLU)
-    del model
 
 
-@pytest.mark.parametrize("name", ["rbn", "iebn_unit", "bn_blend05"])
+@pytest.mark.parametrize("name", distinct_forms("calibrated"))
 def test_sync_conversion_keeps_calibrated_variants_and_switches_on_their_sync(name):
     for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm,
                     tb.convert_sync_batchnorm):
@@ -226,12 +252,13 @@ def test_sync_conversion_keeps_calibrated_variants_and_switches_on_their_sync(na
                                         for key, text in reprs.items())
 
 
-def test_synced_layer_without_a_process_group_is_the_local_layer():
+@pytest.mark.parametrize("kind", [*distinct_forms("calibrated"), "user_scaled"])
+def test_synced_layer_without_a_process_group_is_the_local_layer(kind):
     # sync_batch_stats only takes effect in an initialised world of > 1 processes
     assert not dist.is_initialized()
-    plain, synced = make_layer("blend"), tb.convert_sync_batchnorm(make_layer("blend"))
+    plain, synced = make_layer(kind), tb.convert_sync_batchnorm(make_layer(kind))
     assert synced.sync_batch_stats and not plain.sync_batch_stats
-    a, b = run_layer(plain, "blend", slice(None)), run_layer(synced, "blend", slice(None))
+    a, b = run_layer(plain, kind, slice(None)), run_layer(synced, kind, slice(None))
     for step in range(STEPS):
         torch.testing.assert_close(b["y"][step], a["y"][step], rtol=0, atol=0)
         torch.testing.assert_close(b["dx"][step], a["dx"][step], rtol=0, atol=0)
@@ -246,6 +273,24 @@ def test_sync_conversion_refuses_a_foreign_variant():
     for convert in (nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm):
         with pytest.raises(tb.VariantSyncError, match=r"1 norm layers .*: 1 \(OwnVariant\)\. Drop sync_bn=true"):
             convert(model)
+
+
+def test_sync_conversion_follows_what_a_users_class_is():
+    class OwnGamma(tb.BatchNormGamma2d):  # plain BN at run time, another γ0: converts like the built-in
+        def _init_gamma(self, weight):
+            weight.fill_(0.3)
+
+    class OwnForward(tb.BatchNormGamma2d):  # no longer BN's forward: converting to SyncBatchNorm would drop it
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    synced = tb.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), OwnGamma(4), ScaledBatchNorm2d(4)))
+    assert isinstance(synced[1], tb.SyncBatchNormGamma) and torch.all(synced[1].weight == 0.3)
+    assert type(synced[2]) is ScaledBatchNorm2d and synced[2].sync_batch_stats
+    assert [tb.sync.sync_kind(m) for m in (OwnGamma(2), ScaledBatchNorm2d(2), OwnForward(2))] == [
+        "batchnorm", "calibrated", None]
+    with pytest.raises(tb.VariantSyncError, match=r"1 norm layers .*: 1 \(OwnForward\)\. Drop sync_bn=true"):
+        tb.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), OwnForward(4)))
 
 
 def test_sync_conversion_of_plain_models_is_unchanged():

@@ -42,6 +42,10 @@ def __getattr__(name: str):
         from .experiment.train import build_training
 
         return build_training
+    if name == "VARIANT_TYPES":  # each registered layer class -> its fused twin, read from the registry when asked
+        from .registry import variant_types
+
+        return variant_types()
     raise AttributeError(f"module 'timm_bninit' has no attribute {name!r}")
 
 

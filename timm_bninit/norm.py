@@ -13,11 +13,18 @@ Every layer here subclasses ``nn.BatchNorm2d`` so that pretrained state-dict key
 The calibrating layers (RBN, IEBN, blend) never materialise the normalised tensor: they need only the per-(sample,
 channel) mean m and variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]``
 with small (N, C) tensors A and B; the kernels that apply it live beside this file in :mod:`timm_bninit.norm_kernels`.
+A new calibrating variant subclasses :class:`CalibratedBatchNorm2d` and writes only the forward coefficients; it
+trains through autograd, and the built-in ones' hand-written backward is an optimisation tested against that path.
+
+Every plain layer has a fused norm+act twin (:func:`norm_act_type`): the built-in ones by name, below; a subclass of
+any of them gets one derived by inheritance, so that one ``register_norm_layer`` call is all a new variant needs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -26,7 +33,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from .errors import BNInitValueError
-from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane_affine, read_state
+from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane, plane_affine, read_state
 
 __all__ = [
     "BatchNormVariant",
@@ -40,7 +47,8 @@ __all__ = [
     "InstanceEnhancementBatchNormAct2d",
     "BlendedStdBatchNorm2d",
     "BlendedStdBatchNormAct2d",
-    "VARIANT_TYPES",
+    "CalibratedBatchNorm2d",
+    "norm_act_type",
 ]
 
 
@@ -51,10 +59,15 @@ class BatchNormVariant:
         gamma_lr_div: divisor of γ's (``weight``'s) learning rate, read by :func:`timm_bninit.param_groups`
             (``c`` in Davis & Frank). 1 means γ trains at the base learning rate.
         extra_tensor_names: names of the per-channel ``(C,)`` tensors this layer adds to a standard BN state dict.
+        plain_bn_forward: the forward pass is ``nn.BatchNorm2d``'s (only the initialisation and γ's learning rate
+            differ), so :func:`timm_bninit.convert_sync_batchnorm` may make the layer a ``SyncBatchNormGamma``.
+            Calibrating layers (:class:`CalibratedBatchNorm2d`) synchronise their own statistics instead; a variant
+            that is neither cannot be synchronised.
     """
 
     gamma_lr_div: float = 1.0
     extra_tensor_names: tuple[str, ...] = ()
+    plain_bn_forward: bool = False
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -95,11 +108,25 @@ class BatchNormVariant:
                                       error_msgs)
 
 
+# The built-in layers' fused twins, declared beside each one (a built-in keeps its own twin class and name).
+_DECLARED_TWINS: dict[type[nn.BatchNorm2d], type[BatchNormAct2d]] = {}
+
+
+def _fused_twin_of(plain: type[nn.BatchNorm2d]) -> Callable[[type[BatchNormAct2d]], type[BatchNormAct2d]]:
+    """Class decorator: the decorated norm+act class is ``plain``'s fused twin."""
+    def declare(fused: type[BatchNormAct2d]) -> type[BatchNormAct2d]:
+        _DECLARED_TWINS[plain] = fused
+        return fused
+    return declare
+
+
 # --------------------------------------------------------------------------------------------------------------
 # γ-initialisation variants: plain BN at run time.
 
 
 class _GammaInitBase(BatchNormVariant):
+    plain_bn_forward = True
+
     def __init__(self, num_features: int, *args, gamma_init: float = 0.1, gamma_lr_div: float = 100.0, **kwargs):
         if not gamma_lr_div > 0:
             raise BNInitValueError(f"gamma_lr_div must be > 0 (the γ learning rate is base_lr / gamma_lr_div), "
@@ -127,11 +154,14 @@ class BatchNormGamma2d(_GammaInitBase, nn.BatchNorm2d):
     """
 
 
+@_fused_twin_of(BatchNormGamma2d)
 class BatchNormGammaAct2d(_GammaInitBase, BatchNormAct2d):
     """:class:`BatchNormGamma2d` fused with timm's activation (for the families built through norm+act layers)."""
 
 
 class _UniformGammaBase(BatchNormVariant):
+    plain_bn_forward = True
+
     @property
     def gamma_init_value(self) -> float | None:
         return None  # random: there is no single γ0
@@ -144,6 +174,7 @@ class BatchNormUniformGamma2d(_UniformGammaBase, nn.BatchNorm2d):
     """BatchNorm with γ ~ U(0, 1) and β = 0 (PyTorch's pre-1.2 default; Frankle, Schwab & Morcos)."""
 
 
+@_fused_twin_of(BatchNormUniformGamma2d)
 class BatchNormUniformGammaAct2d(_UniformGammaBase, BatchNormAct2d):
     """:class:`BatchNormUniformGamma2d` fused with timm's activation."""
 
@@ -172,7 +203,15 @@ class _BatchMoments(NamedTuple):
 
 
 class _CalibratedBase(BatchNormVariant):
-    """Forward machinery shared by RBN, IEBN and the blended-σ layer.
+    """Forward machinery shared by RBN, IEBN, the blended-σ layer and any calibrating variant built on
+    :class:`CalibratedBatchNorm2d`.
+
+    A variant writes the forward coefficients only: :meth:`_calibration_params`, :meth:`_batch_coefficients` (which
+    takes its batch statistics from :meth:`_batch_mean_var`, so that they synchronise and feed the running
+    statistics) and :meth:`_normalize_with_running_stats`. It then trains through plain autograd: differentiable
+    per-plane moments → coefficients → ``x·A + B'``. A class that also writes :meth:`_batch_coefficients_backward`
+    trains through :class:`~timm_bninit.norm_kernels.PlaneAffineFunction` instead, the same computation with a
+    closed-form backward (the built-in layers, for speed); the tests check one against the other.
 
     Attributes:
         sync_batch_stats: in training, compute the batch statistics (μ, σ² per channel) over the batches of every
@@ -181,10 +220,14 @@ class _CalibratedBase(BatchNormVariant):
             A flag on the same class, not a subclass, so that state-dict keys, ``isinstance`` checks and the
             registry's plain/Act pairing are the same for synchronised layers.
         process_group: see ``sync_batch_stats``.
+        force_autograd: train through plain autograd even though the class has a hand-written backward. Set it on
+            a layer (``layer.force_autograd = True``) or a class, e.g. to check the fused backward against autograd
+            or to develop a variant from a built-in one; it changes speed, not results (up to rounding).
     """
 
     sync_batch_stats: bool = False
     process_group: dist.ProcessGroup | None = None
+    force_autograd: bool = False
 
     def _stats_dtype(self, x: torch.Tensor) -> torch.dtype:
         # statistics in at least float32 (as BN does under mixed precision); float64 stays float64 for gradcheck
@@ -275,26 +318,56 @@ class _CalibratedBase(BatchNormVariant):
 
     def _batch_coefficients(self, mean_nc: torch.Tensor, var_nc: torch.Tensor, plane_size: int,
                             *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, _BatchMoments, tuple]:
-        """Training mode: (A, B') with ``y = x·A + B'`` from the per-plane mean and variance, the batch moments, and
-        what :meth:`_batch_coefficients_backward` needs. Changes no state: :meth:`_update_batch_state` does, after
-        the autograd Function."""
+        """Training mode: (A, B') with ``y = x·A + B'`` ((N, C) or (C,) each) from the per-plane mean m and biased
+        variance v (N, C), the batch moments from :meth:`_batch_mean_var`, and what
+        :meth:`_batch_coefficients_backward` needs (anything, e.g. ``()``, for a variant without one). Written with
+        out-of-place tensor ops it is differentiable, which is all the autograd path needs. Changes no state:
+        :meth:`_update_batch_state` does, after the forward."""
         raise NotImplementedError
 
     def _batch_coefficients_backward(self, saved: tuple, grad_scale: torch.Tensor, grad_shift: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Given ∂L/∂A and ∂L/∂B of the centred form ``y = (x − m)·A + B`` (per plane): ∂L/∂m (N, C), ∂L/∂v
-        (broadcastable to (N, C)) and the gradients of :meth:`_calibration_params`."""
+        """Optional, for speed: given ∂L/∂A and ∂L/∂B of the centred form ``y = (x − m)·A + B`` (per plane): ∂L/∂m
+        (N, C), ∂L/∂v (broadcastable to (N, C)) and the gradients of :meth:`_calibration_params`."""
         raise NotImplementedError
 
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: the layer's output from the running statistics (differentiable in the parameters)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sync_batch_stats=True" if self.sync_batch_stats else super().extra_repr()
 
+    _backward_matches_forward: bool = False  # per class, set when the class is created (see __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # decided once per class: a plain attribute read in forward, which torch.compile traces as a constant
+        cls._backward_matches_forward = _has_own_backward(cls)
+
+    def uses_fused_backward(self) -> bool:
+        """Whether training takes the hand-written backward (:class:`PlaneAffineFunction`) rather than autograd."""
+        return not self.force_autograd and self._backward_matches_forward
+
+    def _autograd_batch_forward(self, x: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :class:`PlaneAffineFunction` returns (y; μ, σ² and unbiased σ² without gradient), differentiated by
+        autograd: differentiable per-plane moments → :meth:`_batch_coefficients` → ``x·A + B'``."""
+        stats_dtype = self._stats_dtype(x)
+        mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
+        var_nc = (x - plane(mean_nc)).square().mean(dim=(2, 3))  # two-pass, as BN: no E[x²] − E[x]² cancellation
+        scale, shift, moments, _ = self._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3],
+                                                            *self._calibration_params())
+        y = torch.addcmul(plane(shift), x, plane(scale)).to(x.dtype)  # in the statistics' dtype, stored in x's
+        mean, var = moments.mean.detach(), moments.var.detach()
+        return y, mean, var, var * (moments.count / max(moments.count - 1, 1))
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
-            y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            if self.uses_fused_backward():
+                y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+            else:
+                y, mean, var, unbiased_var = self._autograd_batch_forward(x)
             self._update_batch_state(mean, var, unbiased_var)
             return y
         return self._normalize_with_running_stats(x)
@@ -310,6 +383,30 @@ class _CalibratedBase(BatchNormVariant):
         if isinstance(self, BatchNormAct2d):
             y = self.act(self.drop(y))
         return y
+
+
+# The forward methods a hand-written backward is derived from. A subclass that overrides one of them below the class
+# whose _batch_coefficients_backward it inherits would pair a new forward with an old backward: it takes autograd.
+_COEFFICIENT_METHODS = ("_calibration_params", "_batch_coefficients", "_coefficients", "_batch_mean_var")
+
+
+def _has_own_backward(layer_type: type) -> bool:
+    """Whether ``layer_type``'s closed-form backward belongs to its forward coefficients (walks the MRO)."""
+    for klass in layer_type.__mro__:
+        defined = vars(klass)
+        if "_batch_coefficients_backward" in defined:
+            return klass is not _CalibratedBase
+        if any(name in defined for name in _COEFFICIENT_METHODS):
+            return False
+    return False
+
+
+class CalibratedBatchNorm2d(_CalibratedBase, nn.BatchNorm2d):
+    """Base class of a calibrating variant defined outside timm-bninit (see :class:`_CalibratedBase` for the three
+    methods to write). It trains through autograd, synchronises under :func:`timm_bninit.convert_sync_batchnorm`,
+    and :func:`norm_act_type` derives its fused twin, so one ``register_norm_layer`` call makes it a norm layer of
+    every timm family.
+    """
 
 
 class _RBNBase(_CalibratedBase):
@@ -413,6 +510,7 @@ class RepresentativeBatchNorm2d(_RBNBase, nn.BatchNorm2d):
     """Representative BatchNorm with feature calibration (Gao et al., CVPR 2021); see :class:`_RBNBase`."""
 
 
+@_fused_twin_of(RepresentativeBatchNorm2d)
 class RepresentativeBatchNormAct2d(_RBNBase, BatchNormAct2d):
     """:class:`RepresentativeBatchNorm2d` fused with timm's activation."""
 
@@ -495,6 +593,7 @@ class InstanceEnhancementBatchNorm2d(_IEBNBase, nn.BatchNorm2d):
     """Instance Enhancement BatchNorm (Liang et al., AAAI 2020); see :class:`_IEBNBase`."""
 
 
+@_fused_twin_of(InstanceEnhancementBatchNorm2d)
 class InstanceEnhancementBatchNormAct2d(_IEBNBase, BatchNormAct2d):
     """:class:`InstanceEnhancementBatchNorm2d` fused with timm's activation."""
 
@@ -603,6 +702,7 @@ class BlendedStdBatchNorm2d(_BlendedStdBase, nn.BatchNorm2d):
     """BatchNorm without γ, σ blended with the previous batch's; see :class:`_BlendedStdBase`."""
 
 
+@_fused_twin_of(BlendedStdBatchNorm2d)
 class BlendedStdBatchNormAct2d(_BlendedStdBase, BatchNormAct2d):
     """:class:`BlendedStdBatchNorm2d` fused with timm's activation."""
 
@@ -611,11 +711,31 @@ def _sigmoid(value: float) -> float:
     return 1.0 / (1.0 + math.exp(-value))
 
 
-# Each plain layer with its fused norm+act twin: the registry and model patching use this pairing.
-VARIANT_TYPES: dict[type[nn.BatchNorm2d], type[BatchNormAct2d]] = {
-    BatchNormGamma2d: BatchNormGammaAct2d,
-    BatchNormUniformGamma2d: BatchNormUniformGammaAct2d,
-    RepresentativeBatchNorm2d: RepresentativeBatchNormAct2d,
-    InstanceEnhancementBatchNorm2d: InstanceEnhancementBatchNormAct2d,
-    BlendedStdBatchNorm2d: BlendedStdBatchNormAct2d,
-}
+@functools.cache
+def norm_act_type(layer_type: type) -> type[BatchNormAct2d] | None:
+    """The fused norm+act twin of a timm-bninit layer class, for the model families built through timm's norm+act
+    registry (efficientnet, regnet, resnetv2, ...).
+
+    A built-in layer has its own (``RepresentativeBatchNorm2d`` → ``RepresentativeBatchNormAct2d``). Any other
+    subclass of a timm-bninit layer gets one derived by inheritance, ``class <Name>Act2d(layer_type,
+    BatchNormAct2d)``: its own methods (zero-argument ``super()`` included) run unchanged, with timm's activation and
+    drop path after them, and every call returns the same class. Such a derived class is not importable by name, so
+    a whole pickled module (not its state dict) needs the user's own twin: ``register_norm_layer(name, layer,
+    norm_act_layer=...)``.
+
+    Returns:
+        The twin, or None for a class that is not a plain (non-fused) timm-bninit layer.
+
+    Example::
+
+        fused = norm_act_type(MyVariant2d)(64, act_layer=nn.SiLU)
+    """
+    if layer_type in _DECLARED_TWINS:
+        return _DECLARED_TWINS[layer_type]
+    if not (isinstance(layer_type, type) and issubclass(layer_type, BatchNormVariant)
+            and issubclass(layer_type, nn.BatchNorm2d)) or issubclass(layer_type, BatchNormAct2d):
+        return None
+    stem = layer_type.__name__.removesuffix("2d")
+    name = f"{stem}Act2d" if stem != layer_type.__name__ else f"{stem}Act"
+    doc = f":class:`{layer_type.__qualname__}` fused with timm's activation (derived by ``norm_act_type``)."
+    return type(name, (layer_type, BatchNormAct2d), {"__module__": layer_type.__module__, "__doc__": doc})

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch.autograd.function import once_differentiable
 
 __all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
@@ -135,9 +136,14 @@ def all_gather_moments(mean: torch.Tensor, var: torch.Tensor, count: int,
     """
     channels = mean.shape[0]
     local = torch.cat([mean.new_full((1,), float(count)), mean, var])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    table = torch.stack(gathered)
+    if torch.is_grad_enabled() and local.requires_grad:
+        # a layer training through autograd: the differentiable gather sends each process's share of the
+        # gradient back to the process whose statistics it came from
+        table = torch.stack(dist_nn.all_gather(local, group=group))
+    else:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        table = torch.stack(gathered)
     counts, means, variances = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
     total = counts.sum()
     weights = counts / total

@@ -20,12 +20,12 @@ from torch import nn
 
 from .errors import BNInitError, did_you_mean
 from .norm import (
-    VARIANT_TYPES,
     BatchNormGamma2d,
     BatchNormUniformGamma2d,
     BlendedStdBatchNorm2d,
     InstanceEnhancementBatchNorm2d,
     RepresentativeBatchNorm2d,
+    norm_act_type,
 )
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "resolve_norm_layer",
     "fused_twin",
     "timm_key",
+    "variant_types",
 ]
 
 LayerFactory = type[nn.Module] | functools.partial | Callable[..., nn.Module]
@@ -110,8 +111,9 @@ def _base_type(layer: LayerFactory) -> Any:
 
 
 def fused_twin(layer: LayerFactory) -> LayerFactory | None:
-    """The norm+act layer matching ``layer`` (same kwargs), for timm-bninit's own variants."""
-    twin = VARIANT_TYPES.get(_base_type(layer))
+    """The norm+act layer matching ``layer`` (same kwargs) for a timm-bninit layer class or any subclass of one
+    (:func:`timm_bninit.norm.norm_act_type`); None for other layers."""
+    twin = norm_act_type(_base_type(layer))
     if twin is None:
         return None
     if isinstance(layer, functools.partial):
@@ -126,11 +128,13 @@ def register_norm_layer(name: str, layer: LayerFactory, norm_act_layer: LayerFac
         name: the name users pass; timm matches it with ``_`` removed and lower-cased.
         layer: a class or ``functools.partial`` called as ``layer(num_features, device=..., dtype=...)``.
         norm_act_layer: the fused norm+act layer for families built through timm's norm+act registry. Derived
-            automatically for timm-bninit's variants; without one, those families cannot use ``name``.
+            automatically for timm-bninit's layers and every subclass of one (:func:`fused_twin`); without one,
+            those families cannot use ``name``.
 
     Example::
 
         register_norm_layer("bn_gamma02", functools.partial(BatchNormGamma2d, gamma_init=0.2))
+        register_norm_layer("scaled_bn", ScaledBatchNorm2d)  # a CalibratedBatchNorm2d subclass of your own
     """
     _check_timm_registries()
     _install_explaining_maps()
@@ -160,6 +164,12 @@ def register_norm_layer(name: str, layer: LayerFactory, norm_act_layer: LayerFac
         _timm_norm_act._NORM_ACT_TYPES.add(_base_type(norm_act_layer))
         # models given the class itself (norm_layer=BatchNormGamma2d) find the fused twin by class name
         _timm_norm_act._NORM_TO_NORM_ACT_MAP[_base_type(layer).__name__.lower()] = _base_type(norm_act_layer)
+
+
+def variant_types() -> dict[type, type]:
+    """Each registered layer class with its fused norm+act twin, derived from the registrations (classes without a
+    twin are left out)."""
+    return {_base_type(norm): _base_type(norm_act) for norm, norm_act in _REGISTRY.values() if norm_act is not None}
 
 
 def list_norm_layers() -> list[str]:

@@ -4,13 +4,18 @@ torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` and timm's ``convert_sync_ba
 subclass as plain (Sync)BN, dropping a variant's γ learning-rate divisor and, for RBN/IEBN/blended-σ BN, its whole
 computation. :func:`convert_sync_batchnorm` instead
 
-* converts the γ-init variants (plain BN at run time) to :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`,
-  which keep ``gamma_init`` and ``gamma_lr_div`` so :func:`timm_bninit.param_groups` still divides γ's rate;
-* keeps RBN, IEBN and blended-σ BN layers (and their Act twins) as they are and switches on their own synchronised
-  batch statistics (``sync_batch_stats``): their per-channel μ and σ² are BN's and are all-gathered across
-  processes, while their calibrations stay per sample. Class, state-dict keys and parameters are unchanged;
-* refuses, with :class:`VariantSyncError`, any other :class:`~timm_bninit.norm.BatchNormVariant` subclass (one defined
-  outside this package), whose statistics it does not know how to synchronise.
+* converts the variants that are plain BN at run time (``plain_bn_forward``: the γ-init and uniform-γ layers and
+  subclasses of them that keep BN's forward) to :class:`SyncBatchNormGamma` / :class:`SyncBatchNormGammaAct`, which
+  keep ``gamma_init`` and ``gamma_lr_div`` so :func:`timm_bninit.param_groups` still divides γ's rate;
+* keeps calibrating layers (RBN, IEBN, blended-σ BN, any :class:`~timm_bninit.norm.CalibratedBatchNorm2d` subclass,
+  and their Act twins) as they are and switches on their own synchronised batch statistics (``sync_batch_stats``):
+  their per-channel μ and σ² are BN's and are all-gathered across processes, while their calibrations stay per
+  sample. Class, state-dict keys and parameters are unchanged;
+* refuses, with :class:`VariantSyncError`, any other :class:`~timm_bninit.norm.BatchNormVariant` subclass, whose
+  statistics it does not know how to synchronise.
+
+What a layer is decides (:func:`sync_kind`), never a list of classes, so a user's variant synchronises when it
+derives from the right base.
 
 ``import timm_bninit`` routes torch's and timm's conversion functions through this one whenever the model contains a
 timm-bninit variant (models without one convert exactly as before).
@@ -32,25 +37,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BNInitError, BNInitValueError
-from .norm import (
-    BatchNormGamma2d,
-    BatchNormGammaAct2d,
-    BatchNormUniformGamma2d,
-    BatchNormUniformGammaAct2d,
-    BatchNormVariant,
-    BlendedStdBatchNorm2d,
-    BlendedStdBatchNormAct2d,
-    InstanceEnhancementBatchNorm2d,
-    InstanceEnhancementBatchNormAct2d,
-    RepresentativeBatchNorm2d,
-    RepresentativeBatchNormAct2d,
-)
+from .norm import BatchNormVariant, _CalibratedBase
 
-__all__ = ["SyncBatchNormGamma", "SyncBatchNormGammaAct", "VariantSyncError", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNormGamma", "SyncBatchNormGammaAct", "VariantSyncError", "convert_sync_batchnorm", "sync_kind"]
 
-_GAMMA_INIT_TYPES = (BatchNormGamma2d, BatchNormGammaAct2d, BatchNormUniformGamma2d, BatchNormUniformGammaAct2d)
-_CALIBRATED_TYPES = (RepresentativeBatchNorm2d, RepresentativeBatchNormAct2d, InstanceEnhancementBatchNorm2d,
-                     InstanceEnhancementBatchNormAct2d, BlendedStdBatchNorm2d, BlendedStdBatchNormAct2d)
+_BATCHNORM_FORWARDS = (nn.BatchNorm2d.forward, BatchNormAct2d.forward)
 _torch_convert = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
 _timm_convert = _timm_norm_act.convert_sync_batchnorm
 
@@ -129,9 +120,27 @@ class SyncBatchNormGammaAct(_GammaAttrs, SyncBatchNormAct):
     """timm's SyncBatchNormAct carrying a γ-init variant's ``gamma_init`` and ``gamma_lr_div``."""
 
 
+def sync_kind(layer: nn.Module) -> str | None:
+    """How :func:`convert_sync_batchnorm` synchronises a timm-bninit layer, decided by what it is.
+
+    Returns:
+        ``"batchnorm"`` for a variant that is plain BN at run time (``plain_bn_forward`` and BN's own forward, not
+        overridden), ``"calibrated"`` for a calibrating layer (its own ``sync_batch_stats``), None for any other
+        variant (and for layers that are not timm-bninit variants).
+    """
+    if isinstance(layer, _CalibratedBase):
+        return "calibrated"
+    layer_type = type(layer)
+    if issubclass(layer_type, _GlooSync):  # converted already (gloo job): judge the class beneath the mixin
+        layer_type = layer_type.__bases__[1]
+    if isinstance(layer, BatchNormVariant) and layer.plain_bn_forward and layer_type.forward in _BATCHNORM_FORWARDS:
+        return "batchnorm"
+    return None
+
+
 def _unsyncable(module: nn.Module) -> list[str]:
     return [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-            if isinstance(m, BatchNormVariant) and not isinstance(m, _GAMMA_INIT_TYPES + _CALIBRATED_TYPES)]
+            if isinstance(m, BatchNormVariant) and sync_kind(m) is None]
 
 
 def _contains_variant(module: nn.Module) -> bool:
@@ -157,13 +166,14 @@ def _convert_gamma_layer(layer: nn.BatchNorm2d, process_group) -> nn.Module:
 
 
 def _convert(module: nn.Module, process_group) -> nn.Module:
-    if isinstance(module, _BatchNorm) and not isinstance(module, (*_CALIBRATED_TYPES, nn.SyncBatchNorm, _GlooSync)) \
-            and _gloo_job(process_group):
+    kind = sync_kind(module)
+    plain_bn = isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, _GlooSync))
+    if plain_bn and kind != "calibrated" and _gloo_job(process_group):
         module.__class__, module.process_group = _gloo_class(type(module)), process_group  # in place, as below
         return module
-    if isinstance(module, _GAMMA_INIT_TYPES):
+    if kind == "batchnorm":
         return _convert_gamma_layer(module, process_group)
-    if isinstance(module, _CALIBRATED_TYPES):
+    if kind == "calibrated":
         # the same module, switched to global batch statistics: nothing to copy, no key or parameter changes
         module.sync_batch_stats, module.process_group = True, process_group
         return module
@@ -186,7 +196,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     ``process_group`` defaults to torch.distributed's default group.
 
     Raises:
-        VariantSyncError: the model holds a ``BatchNormVariant`` subclass defined outside timm-bninit.
+        VariantSyncError: the model holds a ``BatchNormVariant`` that is neither plain BN at run time nor a
+            calibrating layer (:func:`sync_kind`).
 
     Example::
 
@@ -196,9 +207,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if unsyncable:
         shown = ", ".join(unsyncable[:4]) + (f" and {len(unsyncable) - 4} more" if len(unsyncable) > 4 else "")
         raise VariantSyncError(
-            f"cannot synchronise {len(unsyncable)} norm layers of a variant timm-bninit does not define: {shown}. "
-            f"Drop sync_bn=true to train them with per-device batch statistics, or derive the variant from one of "
-            f"timm-bninit's layer classes, which synchronise.")
+            f"cannot synchronise {len(unsyncable)} norm layers whose batch statistics timm-bninit does not know: "
+            f"{shown}. Drop sync_bn=true to train them with per-device batch statistics, or derive the variant from "
+            f"BatchNormGamma2d (plain BN at run time) or CalibratedBatchNorm2d, which synchronise.")
     return _convert(module, process_group)
 
 
