@@ -244,3 +244,116 @@ def test_compare_power_refuses_bad_plans(tmp_path, capsys):
     assert "no method paired with 'base'" in err and len(err.strip().splitlines()) == 1
     assert compare_main(["power", "--pilot", str(tmp_path / "nowhere"), "--effect", "0.5"]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+# --- two-sided: the test, its power and its MDE ---------------------------------------------------------------
+
+
+def _two_sided_power_by_quadrature(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """P(|T'| > t_{1-α/2}) from the definition T' = (Z + λ) / S, S = √(V/df), Z ~ N(0, 1), V ~ χ²_df: integrated over
+    S with the normal cdf and the χ² density, so it shares nothing with scipy's noncentral t."""
+    df, nc = n - 1, effect * math.sqrt(n) / sd
+    critical = stats.t.ppf(1 - alpha / 2, df)
+
+    def rejected(s: float) -> float:  # P(Z + λ > c·s) + P(Z + λ < −c·s), times the density of S at s
+        density = stats.chi2.pdf(s * s * df, df) * 2 * s * df  # V = df·S², dV/dS = 2·df·S
+        return (stats.norm.sf(critical * s - nc) + stats.norm.cdf(-critical * s - nc)) * density
+
+    from scipy.integrate import quad
+
+    return quad(rejected, 0, np.inf, epsabs=1e-12, epsrel=1e-10, limit=200)[0]
+
+
+def test_two_sided_p_is_scipys_and_its_ci_duality():
+    rng = np.random.default_rng(1)
+    for n in (3, 5, 15):
+        for _ in range(20):
+            base = rng.normal(80, 2, n)
+            new = base + rng.normal(rng.uniform(-1, 1), 1, n)
+            two = paired_difference(list(new), list(base), alternative="two-sided")
+            one = paired_difference(list(new), list(base))
+            assert two.p == stats.ttest_rel(new, base, alternative="two-sided").pvalue
+            assert two.p == pytest.approx(2 * min(one.p, 1 - one.p), rel=1e-9)  # the two tails of the same t
+            assert (two.ci_low, two.ci_high) == (one.ci_low, one.ci_high)
+            # the two-sided test at 0.05 rejects exactly when the 95% interval excludes 0
+            assert (two.p <= 0.05) == (two.ci_low > 0 or two.ci_high < 0)
+
+
+def test_two_sided_published_gpower_figures():
+    # the figures of test_published_gpower_figures, now asked of the two-sided test itself (both tails counted)
+    assert seeds_needed(0.5, 1.0, alternative="two-sided") == 34
+    assert seeds_needed(5.0, 5.0, alternative="two-sided") == 10
+    assert seeds_needed(-0.5, 1.0, alternative="two-sided") == 34  # either direction
+    assert 0.8 <= paired_t_power(0.5, 1.0, 34, alternative="two-sided") < 0.81
+    assert paired_t_power(0.5, 1.0, 33, alternative="two-sided") < 0.8
+    assert paired_t_power(1 / 3, 1.0, 25, alternative="two-sided") == pytest.approx(0.360, abs=5e-4)
+    # G*Power's n = 34 is the smallest n with 80% power at d = 0.5, so the MDE crosses 0.5 between n = 33 and 34
+    assert minimum_detectable_effect(1.0, 34, alternative="two-sided") <= 0.5 < \
+        minimum_detectable_effect(1.0, 33, alternative="two-sided")
+    assert minimum_detectable_effect(1.0, 10, alternative="two-sided") <= 1.0 < \
+        minimum_detectable_effect(1.0, 9, alternative="two-sided")
+
+
+@pytest.mark.parametrize("sd,n", [(1.0, 2), (0.7, 3), (1.3, 5), (0.45, 15), (2.0, 40)])
+def test_two_sided_mde_has_the_target_power_by_an_independent_integral(sd, n):
+    mde = minimum_detectable_effect(sd, n, alternative="two-sided")
+    # quad's error is ~1e-10 here; brentq solved λ to 1e-12: 1e-6 leaves room for both
+    assert _two_sided_power_by_quadrature(mde, sd, n) == pytest.approx(0.8, abs=1e-6)
+    assert _two_sided_power_by_quadrature(0.99 * mde, sd, n) < 0.8 < _two_sided_power_by_quadrature(1.01 * mde, sd, n)
+    # the upper tail alone at α/2 is the one-sided test at α/2; the lower tail only adds power, so the two-sided MDE
+    # lies at or just below that one, and above the one-sided MDE at α (a stricter critical value)
+    assert minimum_detectable_effect(sd, n) < mde <= minimum_detectable_effect(sd, n, alpha=0.025)
+    assert mde > (1.959963984540054 + 0.8416212335729143) * sd / math.sqrt(n)  # normal approximation, z from tables
+
+
+def test_two_sided_mde_at_15_seeds_by_simulation():
+    """A Monte Carlo check that needs no noncentral t at all: 15 pairs with true difference = the MDE (σ = 1)."""
+    mde = minimum_detectable_effect(1.0, 15, alternative="two-sided")
+    rng = np.random.default_rng(2024)
+    diffs = rng.normal(mde, 1.0, size=(200_000, 15))
+    t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(15))
+    rejected = float(np.mean(np.abs(t) > 2.1447866879169273))  # t_{0.975, 14}, 2.145 in any table
+    assert stats.t.ppf(0.975, 14) == pytest.approx(2.1447866879169273, abs=1e-12)
+    assert rejected == pytest.approx(0.8, abs=0.004)  # 4.5 Monte Carlo standard errors (√(0.8·0.2/200000) = 0.0009)
+
+
+def test_two_sided_power_stays_finite_at_large_n():
+    # scipy's nct.cdf returns NaN for the lower tail near n = 5,000 at δ = σ/2; the mirrored sf does not
+    for n in (34, 1000, 5000, 5674, 10_000):
+        assert 0.8 <= paired_t_power(0.5, 1.0, n, alternative="two-sided") <= 1.0
+    # a small effect needs thousands of seeds; the lower tail adds power, so at most the one-sided count at α/2
+    needed = seeds_needed(0.05, 1.0, alternative="two-sided")
+    assert 3000 < needed <= seeds_needed(0.05, 1.0, alpha=0.025)
+    assert paired_t_power(0.05, 1.0, needed, alternative="two-sided") >= 0.8 > \
+        paired_t_power(0.05, 1.0, needed - 1, alternative="two-sided")
+    assert seeds_needed(0.0, 1.0, alternative="two-sided") is None
+
+
+def test_two_sided_power_summary_and_bad_alternative():
+    new, base = [91.0, 90.0, 92.5, 89.5, 90.5], [90.0, 90.5, 91.0, 89.0, 89.0]
+    summary = power_summary(new, base, alternative="two-sided")
+    assert summary.alternative == "two-sided"
+    assert summary.p == stats.ttest_rel(new, base, alternative="two-sided").pvalue
+    assert _two_sided_power_by_quadrature(summary.mde, summary.sd_diff, 5) == pytest.approx(0.8, abs=1e-6)
+    needed = summary.n_needed_for_observed
+    assert _two_sided_power_by_quadrature(0.8, math.sqrt(0.7), needed) >= 0.8 > \
+        _two_sided_power_by_quadrature(0.8, math.sqrt(0.7), needed - 1)
+    worse = power_summary(base, new, alternative="two-sided")  # the same differences, negated
+    assert worse.n_needed_for_observed == needed and worse.mde == summary.mde
+    with pytest.raises(PowerInputError, match="alternative must be one of greater, two-sided, got 'less'"):
+        paired_difference(new, base, alternative="less")
+    with pytest.raises(PowerInputError, match="alternative must be one of"):
+        minimum_detectable_effect(1.0, 5, alternative="two_sided")
+
+
+def test_compare_power_plans_a_two_sided_study(tmp_path, capsys):
+    pilot = _pilot(tmp_path / "pilot", PILOT, PILOT_SEEDS)
+    assert compare_main(["power", "--pilot", str(pilot), "--effect", "0.5", "--alternative", "two-sided"]) == 0
+    text = capsys.readouterr().out
+    assert "Two-sided paired t-test" in text
+    diff = np.subtract(PILOT[("gamma", 0.1)], PILOT[("base", 0.1)])
+    sd = float(np.std(diff, ddof=1))
+    _, _, seeds, _, mde_planned = _plan_lines(text)[("gamma", "0.1")]
+    assert float(mde_planned) == pytest.approx(minimum_detectable_effect(sd, 15, alternative="two-sided"), abs=5e-4)
+    assert _two_sided_power_by_quadrature(0.5, sd, int(seeds)) >= 0.8 > \
+        _two_sided_power_by_quadrature(0.5, sd, int(seeds) - 1)
