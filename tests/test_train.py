@@ -8,6 +8,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -188,6 +189,11 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     assert [m["train_loss"] for m in resumed_metrics] == [m["train_loss"] for m in whole_metrics]
     assert json.loads((tmp_path / "killed" / "final_gammas.json").read_text()) == \
         json.loads((tmp_path / "whole" / "final_gammas.json").read_text())
+    # the γ the run started from survive the kill: the resumed run measures its change from the same start
+    assert json.loads((tmp_path / "killed" / "initial_gammas.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "initial_gammas.json").read_text())
+    assert got["gamma_change"] == expected["gamma_change"] and got["gamma_change"]["mean"] > 0
+    assert [m["val_loss"] for m in resumed_metrics] == [m["val_loss"] for m in whole_metrics]
 
 
 def test_bn_only_training_changes_only_norm_parameters(tiny_data, tmp_path):
@@ -352,3 +358,69 @@ def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_
     saved = load_file(str(tmp_path / "run" / "best_model.safetensors"))
     assert all(tensor.is_contiguous() for tensor in saved.values())  # a plain state dict, as timm writes it
     timm.create_model("test_resnet", norm_layer="rbn", num_classes=3).load_state_dict(saved)
+
+
+def test_losses_per_epoch_equal_a_recomputation_on_the_saved_model(tiny_data, tmp_path):
+    """metrics.jsonl's val_loss and test_loss at the best-validation epoch are the mean cross-entropy of the saved
+    best model (its weights and re-estimated BN statistics) over each split, recomputed here batch by batch."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from timm_bninit.experiment import layout
+    from timm_bninit.experiment.distributed import make_accelerator
+    from timm_bninit.experiment.train import build_run, laid_out
+
+    config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma01", epochs=3, label_smoothing=0.1)
+    run_dir = tmp_path / "run"
+    final = run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+    metrics = read_metrics(run_dir)
+    assert all(set(record) == set(layout.METRICS_KEYS) for record in metrics)
+    best = metrics[final["best_epoch"] - 1]
+    loaders = build_run(config, make_accelerator(config), tmp_path / "cache").loaders
+    model = laid_out(config, build_model(config, 3))  # the run's layout, so the convolutions round alike
+    model.load_state_dict(load_file(run_dir / "best_model.safetensors"))
+    model.eval()
+    for split, loader in (("val", loaders.validation), ("test", loaders.test)):
+        losses, correct = [], 0
+        with torch.no_grad():
+            for images, labels in loader:
+                logits = model(images)
+                # plain cross-entropy (the recipe's label smoothing trains, it is not the reported loss), float64
+                losses += F.cross_entropy(logits.double(), labels, reduction="none").tolist()
+                correct += int((logits.argmax(-1) == labels).sum())
+        assert best[f"{split}_acc"] == pytest.approx(100.0 * correct / len(losses), abs=1e-12)
+        # the run takes float32 log-softmax per image (relative rounding ~1e-7) and sums in float64: 1e-6 covers it
+        assert best[f"{split}_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert metrics[-1]["test_loss"] > 0 and metrics[-1]["val_loss"] > 0
+
+
+def test_gamma_change_is_recorded_from_the_initial_and_final_gammas(tiny_data, tmp_path):
+    from timm_bninit.experiment import layout
+
+    config = tiny_config(tiny_data, tmp_path, norm_layer="bn_gamma01", gamma_lr_div=1, input_bn=True)
+    run_dir = tmp_path / "run"
+    final = run_finetune(config, run_dir, quiet=True, data_cache_dir=tmp_path / "cache")
+    initial = json.loads((run_dir / layout.INITIAL_GAMMAS_FILE).read_text())
+    last = json.loads((run_dir / layout.GAMMAS_FILE).read_text())
+    # the file holds the γ of the model the seed builds, before any update: 0.1 everywhere, 0.58 × 0.1 for the input
+    fresh = {name: m.weight.tolist() for name, m in build_model(config, 3).named_modules()
+             if isinstance(m, torch.nn.BatchNorm2d)}
+    assert initial == fresh and initial.keys() == last.keys()
+    assert initial["input_bn"] == pytest.approx([0.058] * 3, abs=1e-8)  # the input BN counts: 0.58 × 0.1 in float32
+    assert {v for name, values in initial.items() if name != "input_bn" for v in values} == {float(np.float32(0.1))}
+    moved = np.abs(np.concatenate([np.subtract(last[k], initial[k]) for k in initial]))
+    change = final["gamma_change"]
+    assert change["channels"] == moved.size and change["layers"] == len(initial)
+    assert change["mean"] == pytest.approx(moved.mean(), rel=1e-12) and change["max"] == moved.max()
+    assert change["initial_mean"] == pytest.approx(np.mean(np.abs(np.concatenate(list(initial.values())))), rel=1e-12)
+    assert change["mean"] > 1e-4  # γ at the base rate for two epochs does move
+    assert json.loads((run_dir / "final.json").read_text())["gamma_change"] == change
+
+
+def test_the_initial_gammas_are_written_once(tmp_path):
+    from timm_bninit.experiment import layout
+
+    layout.write_initial_gammas(tmp_path, {"bn1": [0.1, 0.1]})
+    layout.write_initial_gammas(tmp_path, {"bn1": [0.5, 0.5]})  # a restart rebuilds the same model: keep the first
+    assert layout.read_initial_gammas(tmp_path) == {"bn1": [0.1, 0.1]}
+    assert layout.read_initial_gammas(tmp_path / "elsewhere") is None

@@ -1,4 +1,5 @@
-"""Analyses of the seeds' science: effective initial scale, small-γ fractions and γ clamping (docs/methods.md §5).
+"""Analyses of the seeds' science: effective initial scale, how far γ moved, small-γ fractions and γ clamping
+(docs/methods.md §5).
 
 The one place that defines the γ thresholds: training clamps at them and reports count below them.
 """
@@ -6,17 +7,18 @@ The one place that defines the γ thresholds: training clamps at them and report
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import RecipeError
+from ..errors import BNInitValueError, RecipeError
 from ..gammas import bn_gammas
 
-__all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "gamma_statistics", "small_gamma_fraction", "clamped_gammas",
-           "freeze_all_but_norm"]
+__all__ = ["GAMMA_THRESHOLDS", "effective_initial_scale", "gamma_change", "gamma_statistics", "small_gamma_fraction",
+           "clamped_gammas", "freeze_all_but_norm"]
 
 GAMMA_THRESHOLDS = (0.01, 0.05, 0.1)  # |γ| below these counts as small (Frankle et al. report < 0.01)
 
@@ -34,6 +36,35 @@ def effective_initial_scale(model: nn.Module) -> float | None:
     values = [weight.float().flatten() * float(getattr(module, "initial_scale", 1.0))
               for module, weight in _gammas(model)]
     return float(torch.cat(values).mean()) if values else None
+
+
+def gamma_change(initial: Mapping[str, Sequence[float]],
+                 final: Mapping[str, Sequence[float]]) -> dict[str, float] | None:
+    """How far γ moved during a run, from γ by module name at its start and end (``initial_gammas.json``,
+    ``final_gammas.json``): over every γ entry, pooled over layers (each channel counts once, so a wide layer counts
+    more than a narrow one).
+
+    Every BN layer that has a γ counts, the official protocol's input BN included (its three channels train in the γ
+    group like every other); a layer without γ has no entry in either file and is skipped.
+
+    Returns:
+        ``mean`` and ``max`` of |γ_final − γ_init|, ``initial_mean`` (mean |γ_init|, the scale to read the change
+        against), ``channels`` and ``layers``; None for a model without any γ.
+
+    Raises:
+        BNInitValueError: the two records do not name the same layers with the same numbers of channels.
+    """
+    # paired by module name: the JSON files store their keys sorted, the model lists them in its own order
+    if set(initial) != set(final) or any(len(initial[k]) != len(final[k]) for k in initial):
+        raise BNInitValueError(f"the initial and final γ records differ in layers or channels ({len(initial)} and "
+                               f"{len(final)} layers); they must come from the same model")
+    start = np.array([g for name in final for g in initial[name]], dtype=np.float64)
+    end = np.array([g for name in final for g in final[name]], dtype=np.float64)
+    if start.size == 0:
+        return None
+    moved = np.abs(end - start)
+    return {"mean": float(moved.mean()), "max": float(moved.max()), "initial_mean": float(np.abs(start).mean()),
+            "channels": int(start.size), "layers": len(initial)}
 
 
 def small_gamma_fraction(gammas: dict[str, Sequence[float]], threshold: float) -> float:

@@ -4,7 +4,8 @@ Training and sweep code write through this module; report, plots and study read 
 copied results folder without importing training. A run directory::
 
     config.yaml          the resolved recipe
-    metrics.jsonl        one line per epoch
+    metrics.jsonl        one line per epoch (METRICS_KEYS)
+    initial_gammas.json  every BN γ when the run started (written once; a resume keeps it)
     final.json           the result (FINAL_KEYS); its presence means "finished"
     error.json           a sweep's record of a failed run
     best_model.safetensors, final_gammas.json, load_report.json
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
+    "INITIAL_GAMMAS_FILE", "METRICS_KEYS", "read_initial_gammas", "write_initial_gammas",
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
     "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
@@ -46,6 +48,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 ERROR_FILE = "error.json"
 GAMMAS_FILE = "final_gammas.json"
+INITIAL_GAMMAS_FILE = "initial_gammas.json"  # every BN γ before the first update, by module name (as GAMMAS_FILE)
 LOAD_REPORT_FILE = "load_report.json"
 BEST_MODEL_FILE = "best_model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
@@ -61,7 +64,11 @@ PROTOCOL_FILE = "protocol.yaml"      # a study folder's protocol: seeds and part
 # Keys of final.json, as a run writes them; the report's metrics are two of them
 FINAL_KEYS = ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "selection",
               "epochs", "seed", "method", "initial_effective_scale", "gamma_clamp", "train_images_per_s",
-              "train_seconds", "wall_seconds_this_session", "num_updates", "data", "environment")
+              "train_seconds", "wall_seconds_this_session", "num_updates", "data", "environment", "gamma_change")
+# Keys of a metrics.jsonl line; val_acc and val_loss are None without a validation split. The losses are the mean
+# plain cross-entropy over the split, from the same pass (and BN statistics) as the accuracies
+METRICS_KEYS = ("epoch", "train_loss", "val_acc", "test_acc", "val_loss", "test_loss", "lr", "lr_gamma", "lrs",
+                "images_per_s", "epoch_seconds")
 RESULT_METRICS = {"best_val": "test_acc_at_best_val", "last": "test_acc_last"}
 
 
@@ -148,6 +155,20 @@ def truncate_metrics(run_dir: Path, epochs: int) -> None:
 def read_gammas(run_dir: str | os.PathLike) -> dict[str, list[float]]:
     path = Path(run_dir) / GAMMAS_FILE
     return read_json(path) if path.is_file() else {}
+
+
+def write_initial_gammas(run_dir: Path, gammas: dict[str, list[float]]) -> None:
+    """Record the γ a run starts from, once: a run resumed (or restarted before its first checkpoint, which rebuilds
+    the same model from its seed) keeps the file it has."""
+    path = run_dir / INITIAL_GAMMAS_FILE
+    if not path.is_file():
+        write_json(path, gammas)
+
+
+def read_initial_gammas(run_dir: str | os.PathLike) -> dict[str, list[float]] | None:
+    """The γ a run started from, or None for a run started before they were recorded."""
+    path = Path(run_dir) / INITIAL_GAMMAS_FILE
+    return read_json(path) if path.is_file() else None
 
 
 def read_error(run_dir: str | os.PathLike) -> str | None:

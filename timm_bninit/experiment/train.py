@@ -26,6 +26,7 @@ from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..convert import recalibrate_bn_stats
@@ -35,7 +36,14 @@ from ..gammas import bn_gammas
 from ..optim import param_group_fn
 from ..sync import convert_sync_batchnorm
 from . import layout
-from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm, gamma_statistics
+from .analysis import (
+    GAMMA_THRESHOLDS,
+    clamped_gammas,
+    effective_initial_scale,
+    freeze_all_but_norm,
+    gamma_change,
+    gamma_statistics,
+)
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
@@ -45,8 +53,8 @@ from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
 from .seeding import seed_for
 
-__all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "build_scheduler", "run_finetune",
-           "train_one_epoch", "validate", "evaluate"]
+__all__ = ["RunError", "Run", "Training", "Evaluation", "build_training", "build_optimizer", "build_scheduler",
+           "run_finetune", "train_one_epoch", "validate", "evaluate", "gamma_values"]
 
 
 @dataclass
@@ -295,21 +303,45 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
     return {"train_loss": loss, "lrs": lrs, "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass of a model over an evaluation split, gathered over processes.
+
+    Attributes:
+        accuracy: top-1 accuracy in %.
+        loss: mean plain cross-entropy (no label smoothing, whatever the recipe trains with) over the split's images.
+    """
+
+    accuracy: float
+    loss: float
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader``, gathered over processes."""
+def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> Evaluation:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``, gathered over processes.
+
+    The counts and the loss sum stay on the device and are read once at the end, so no batch waits for the host.
+    """
     model.eval()
-    correct = total = 0
+    device = accelerator.device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    # float64: a sum of thousands of float32 losses keeps its digits (MPS has no float64)
+    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    total = 0
     for images, labels in loader:
-        predictions = model(images).argmax(dim=-1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
-        correct += int((predictions == labels).sum())
+        logits = model(images)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        # gathered with the predictions, so the samples that pad the last batch across processes leave both alike
+        predictions, losses, labels = accelerator.gather_for_metrics((logits.argmax(dim=-1), losses, labels))
+        correct += (predictions == labels).sum()
+        loss_sum += losses.sum(dtype=loss_sum.dtype)
         total += labels.numel()
-    return 100.0 * correct / max(total, 1)
+    correct_count, loss_total = torch.stack((correct.to(loss_sum.dtype), loss_sum)).tolist()
+    return Evaluation(100.0 * int(correct_count) / max(total, 1), loss_total / max(total, 1))
 
 
-def validate(run: Run) -> dict[str, float]:
-    """Accuracy on validation (when there is a split) and test, after re-estimating BN statistics if asked."""
+def validate(run: Run) -> dict[str, Evaluation]:
+    """Accuracy and loss on validation (when there is a split) and test, after re-estimating BN statistics if asked."""
     # the ranks' running statistics differ (each saw its share of the batches): average them first, so evaluation,
     # recalibration and every save use one set whatever the process count
     average_bn_statistics(run.accelerator, run.unwrapped, None if run.ema is None else run.ema.module)
@@ -328,6 +360,7 @@ def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[
     elif accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         layout.write_config(run_dir, run.config)
+        layout.write_initial_gammas(run_dir, gamma_values(run.unwrapped))
         report = getattr(run.unwrapped, "bninit_load_report", None)
         if report is not None:
             layout.write_json(run_dir / layout.LOAD_REPORT_FILE, report.to_dict())
@@ -338,9 +371,11 @@ def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[
 
 
 def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], stats: dict[str, Any],
-                  accuracy: dict[str, float], show: bool) -> None:
+                  evaluations: dict[str, Evaluation], show: bool) -> None:
     """Select on validation, write the epoch's metrics line and the checkpoint."""
     main = run.accelerator.is_main_process
+    accuracy = {name: result.accuracy for name, result in evaluations.items()}
+    loss = {name: result.loss for name, result in evaluations.items()}
     val = accuracy.get("validation", accuracy["test"])  # no validation split: select on test, said in final
     if val > state["best_val"]:
         state.update(best_val=val, best_epoch=epoch + 1, test_at_best=accuracy["test"])
@@ -349,7 +384,8 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
                       str(run_dir / layout.BEST_MODEL_FILE))
     lrs = stats["lrs"]
     record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": accuracy.get("validation"),
-              "test_acc": accuracy["test"], "lr": lrs.get("decay"), "lr_gamma": lrs.get("bn_gamma"), "lrs": lrs,
+              "test_acc": accuracy["test"], "val_loss": loss.get("validation"), "test_loss": loss["test"],
+              "lr": lrs.get("decay"), "lr_gamma": lrs.get("bn_gamma"), "lrs": lrs,
               "images_per_s": stats["images_per_s"], "epoch_seconds": stats["epoch_seconds"]}
     state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
     if main:
@@ -374,8 +410,13 @@ def _environment(accelerator: Any, config: Recipe) -> dict[str, Any]:
             "per_process_batch": config.batch_size // accelerator.num_processes}
 
 
-def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, Any]:
-    """``final.json``: the selected and last accuracies, the γ analyses, throughput and environment."""
+def _final_result(run: Run, state: dict[str, Any], started: float,
+                  initial_gammas: dict[str, list[float]] | None) -> dict[str, Any]:
+    """``final.json``: the selected and last accuracies, the γ analyses, throughput and environment.
+
+    ``initial_gammas`` (the run's ``initial_gammas.json``) gives ``gamma_change``; None (a run started before they
+    were recorded) gives None.
+    """
     config = run.config
     clamp = []  # docs/methods.md §5: how much accuracy survives setting the small γ to 0
     # the clamped sets grow with the threshold: an unchanged set is the model already evaluated (none clamped: the
@@ -384,7 +425,7 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
     for threshold in GAMMA_THRESHOLDS:
         with clamped_gammas(run.evaluated, threshold) as fraction:
             if fraction not in known:
-                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator)
+                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator).accuracy
             clamp.append({"threshold": threshold, "fraction": fraction, "test_acc": known[fraction]})
     return {
         "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
@@ -395,6 +436,7 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
             "gamma_lr_div": config.gamma_lr_div, "bn_only": config.bn_only,
             "pretrained": bool(config.pretrained or config.pretrained_file)},
         "initial_effective_scale": run.initial_scale, "gamma_clamp": clamp,
+        "gamma_change": None if initial_gammas is None else gamma_change(initial_gammas, gamma_values(run.unwrapped)),
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
         "num_updates": state["num_updates"],
@@ -403,8 +445,9 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
     }
 
 
-def final_gammas(model: nn.Module) -> dict[str, list[float]]:
-    """Every BN γ of the model, by module name."""
+def gamma_values(model: nn.Module) -> dict[str, list[float]]:
+    """Every BN γ of the model, by module name (``initial_gammas.json`` at the start, ``final_gammas.json`` at the
+    end)."""
     return {name: gamma.detach().float().cpu().tolist() for name, _, gamma in bn_gammas(model)}
 
 
@@ -452,9 +495,9 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
     for epoch in range(state["epoch"], config.epochs):
         stats = train_one_epoch(run, epoch, state, show)
         _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
-    final = _final_result(run, state, started)
+    final = _final_result(run, state, started, layout.read_initial_gammas(run_dir))
     if accelerator.is_main_process:
-        layout.write_json(run_dir / layout.GAMMAS_FILE, final_gammas(run.unwrapped))
+        layout.write_json(run_dir / layout.GAMMAS_FILE, gamma_values(run.unwrapped))
         layout.write_final(run_dir, final)
         remove_checkpoint(run_dir)
     if config.log_with:
