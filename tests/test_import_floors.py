@@ -113,7 +113,8 @@ def test_the_configuration_layer_imports_no_data_loading_or_training_code():
 
 def test_reports_import_neither_the_recipe_nor_training():
     # a report runs on a copied results folder: the statistics, tables and plots read run folders through the layout
-    report_side = {f"timm_bninit.experiment.{name}" for name in ("report", "tables", "power", "plots", "analysis")}
+    report_side = {f"timm_bninit.experiment.{name}" for name in ("report", "tables", "power", "plots", "analysis",
+                                                                      "convergence")}
     for name in sorted(report_side & set(MODULES)):
         engine = sorted(m for m in imports_of(name) if _in(m, "timm_bninit.experiment")
                         and m not in report_side | {"timm_bninit.experiment.layout"})

@@ -247,3 +247,90 @@ def test_gamma_by_depth_turns_logarithmic_when_one_method_sits_ten_times_lower(s
     fig = plot_gamma_by_depth(_grouped(list(layout.sweep_runs(sweep))), "fake", methods, 0.1, colours)
     assert fig.axes[0].get_yscale() == "log" and fig.axes[0].get_ylabel() == "γ (log scale)"
     plt.close(fig)
+
+
+# --- labels and learning curves -------------------------------------------------------------------------------
+
+PLOT_LABELS = {"base": "BASE", "better": "γ-init", LONG: "BN γ0=0.269 (a long label)"}
+
+
+def _with_validation(sweep: Path) -> Path:
+    """The fake sweep's runs with a validation accuracy and loss per epoch as well (what runs record now)."""
+    for run in layout.sweep_runs(sweep):
+        records = layout.read_metrics(run["path"])
+        (run["path"] / layout.METRICS_FILE).unlink()
+        for record in records:
+            epoch = record["epoch"]
+            layout.append_metrics(run["path"], {**record, "val_acc": record["test_acc"] + 1.0,
+                                                "val_loss": 2.0 / epoch + 0.01 * run["seed"], "test_loss": 1.0})
+    return sweep
+
+
+def test_every_plot_names_the_methods_by_their_labels(sweep):
+    runs = list(layout.sweep_runs(sweep))
+    groups = _grouped(runs)
+    methods = ["base", "better", LONG]
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    table = summarise(runs, labels=PLOT_LABELS)[0]
+    fig = plot_paired_differences(table, colours)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["γ-init", "BN γ0=0.269 (a long label)"]
+    assert fig.axes[0].get_xlabel() == "method − BASE (percentage points)"
+    legends = {
+        "accuracy_per_epoch": plot_accuracy_per_epoch(groups, "fake", methods, [0.1, 0.01], colours, PLOT_LABELS),
+        "gamma_by_depth": plot_gamma_by_depth(groups, "fake", methods, 0.1, colours, PLOT_LABELS),
+        "small_gamma": plot_small_gamma(groups, "fake", methods, 0.1, colours, PLOT_LABELS),
+    }
+    for name, figure in legends.items():
+        texts = [t.get_text() for t in figure.legends[0].get_texts()]
+        assert [t.split(" (n=")[0] for t in texts] == list(PLOT_LABELS.values()), name
+        plt.close(figure)
+    bars = plot_initial_scale(groups, "fake", methods, 0.1, colours, PLOT_LABELS)
+    assert [t.get_text() for t in bars.axes[0].get_yticklabels()] == list(PLOT_LABELS.values())
+    for figure in (fig, bars):
+        plt.close(figure)
+
+
+def test_learning_curves_plot_draws_the_mean_per_epoch(tmp_path):
+    from timm_bninit.experiment.convergence import learning_curves
+    from timm_bninit.experiment.plots import plot_learning_curves
+
+    sweep = _with_validation(_fake_sweep(tmp_path / "sweep"))
+    methods = ["base", "better", LONG]
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig = plot_learning_curves(learning_curves(list(layout.sweep_runs(sweep)), "fake"), "fake", methods, [0.1, 0.01],
+                               colours, PLOT_LABELS)
+    assert len(fig.axes) == 6  # two learning rates × (validation accuracy, validation loss, test accuracy)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["lr 0.1: validation accuracy (%)",
+                                                       "lr 0.1: validation loss (cross-entropy)",
+                                                       "lr 0.1: test accuracy (%)"]
+    for method in methods:
+        values = np.array(ACCURACY[(method, 0.1)])
+        (line,) = [a for a in _by_gid(fig, f"curve/val_acc/{method}") if a.axes is fig.axes[0]]
+        np.testing.assert_allclose(line.get_xdata(), range(1, EPOCHS + 1))
+        # val acc = test acc + 1 = value − 10/epoch + 1, averaged over the seeds
+        np.testing.assert_allclose(line.get_ydata(), [values.mean() - 10.0 / e + 1.0 for e in range(1, EPOCHS + 1)],
+                                   atol=1e-9)
+        (loss,) = [a for a in _by_gid(fig, f"curve/val_loss/{method}") if a.axes is fig.axes[1]]
+        np.testing.assert_allclose(loss.get_ydata(), [2.0 / e + 0.01 * np.mean(SEEDS) for e in range(1, EPOCHS + 1)],
+                                   atol=1e-9)
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == [f"{label} (n=4)" for label in PLOT_LABELS.values()]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.legends[0].get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert all(float(t).is_integer() for t in ax.get_xticks() if low <= t <= high)
+    plt.close(fig)
+
+
+def test_a_report_of_runs_with_losses_draws_the_learning_curves(tmp_path):
+    sweep = _with_validation(_fake_sweep(tmp_path / "sweep"))
+    written = write_report(sweep, tmp_path / "report", labels=PLOT_LABELS)
+    assert sorted(p.name for p in written if p.suffix == ".png") == sorted(
+        f"fake_{name}.png" for name in (*PLOTS, "learning_curves"))
+    with Image.open(tmp_path / "report" / "fake_learning_curves.png") as image:
+        assert image.format == "PNG" and 800 <= image.size[0] <= 2500 and np.asarray(image.convert("L")).std() > 5
+    assert "### Learning curves (fake)" in (tmp_path / "report" / "report.md").read_text()

@@ -93,7 +93,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compare.py",
         description="Multi-seed comparisons of BN variants: plan and run a grid of method × lr × seed (resumable), "
-                    "then report mean ± std and one-sided paired t-tests against the baseline.")
+                    "then report mean ± std and paired t-tests against the baseline (one-sided by default).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def grid(sub: argparse.ArgumentParser) -> None:
@@ -127,6 +127,15 @@ def _compare_parser() -> argparse.ArgumentParser:
                         help="test accuracy at the best-validation epoch (default) or at the last epoch")
     report.add_argument("--baseline", default="base", help="the method every other is tested against")
     report.add_argument("--holm", action="store_true", help="Holm-correct p-values across the methods of a column")
+    report.add_argument("--alternative", default="greater", choices=["greater", "two-sided"],
+                        help="the paired t-test: one-sided, the method better than the baseline (default), or "
+                             "two-sided, different in either direction (its MDE too, and whether each CI excludes 0)")
+    report.add_argument("--labels", metavar="PATH.yaml",
+                        help="readable method labels for every table and plot, a YAML file of 'method: label' lines "
+                             "(the CSV keeps the method strings in its method column)")
+    report.add_argument("--curves", action="store_true",
+                        help="the learning-curve section and plot even for runs that recorded no loss per epoch "
+                             "(default: whenever the runs recorded one)")
     report.add_argument("--report-dir", help="where to write (default <out>/report)")
     report.add_argument("--no-plots", action="store_true")
 
@@ -137,7 +146,9 @@ def _compare_parser() -> argparse.ArgumentParser:
     power.add_argument("--effect", type=float, required=True,
                        help="the true mean difference to detect, in percentage points, e.g. 0.5")
     power.add_argument("--power", type=float, default=0.8, help="target power (default 0.8)")
-    power.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided paired t-test (default 0.05)")
+    power.add_argument("--alpha", type=float, default=0.05, help="level of the paired t-test (default 0.05)")
+    power.add_argument("--alternative", default="greater", choices=["greater", "two-sided"],
+                       help="the planned test: one-sided (default) or two-sided")
     power.add_argument("--metric", default="best_val", choices=["best_val", "last"],
                        help="test accuracy at the best-validation epoch (default) or at the last epoch")
     power.add_argument("--baseline", default="base", help="the method every other is paired with")
@@ -149,18 +160,20 @@ def _compare_parser() -> argparse.ArgumentParser:
 @_one_line_errors
 def compare_main(argv: list[str] | None = None) -> int:
     args = _compare_parser().parse_args(argv)
-    from .report import pilot_plan_text, plan_from_pilot, write_report
+    from .report import pilot_plan_text, plan_from_pilot, read_labels, write_report
     from .sweep import parse_floats, parse_seeds, plan_sweep, run_sweep, sweep_status
 
     if args.command == "power":
         rows = plan_from_pilot(args.pilot, args.effect, alpha=args.alpha, power=args.power, metric=args.metric,
-                               baseline=args.baseline, planned_seeds=args.planned_seeds)
+                               baseline=args.baseline, planned_seeds=args.planned_seeds, alternative=args.alternative)
         print(pilot_plan_text(rows, args.effect, alpha=args.alpha, power=args.power,
-                              planned_seeds=args.planned_seeds))
+                              planned_seeds=args.planned_seeds, alternative=args.alternative))
         return 0
     if args.command == "report":
+        labels = read_labels(args.labels) if args.labels else None
         for path in write_report(args.out, args.report_dir, metric=args.metric, baseline=args.baseline,
-                                 use_holm=args.holm, plots=not args.no_plots):
+                                 use_holm=args.holm, plots=not args.no_plots, alternative=args.alternative,
+                                 labels=labels, curves=True if args.curves else None):
             print(path)
         print((Path(args.report_dir or Path(args.out) / "report") / "report.md").read_text())
         return 0

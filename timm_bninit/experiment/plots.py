@@ -1,7 +1,9 @@
 """Plots of a sweep (matplotlib, PNG), one function a plot: the paired differences to the baseline (an estimation
-plot), accuracy per epoch, final γ by depth, small-γ fractions and what clamping them costs, and each method's
-effective initial scale. They read run folders through :mod:`.layout` only; the estimation plot reads the report's
-own tables, so the picture and the table can never disagree.
+plot), accuracy per epoch, the learning curves (validation accuracy and loss, test accuracy), final γ by depth,
+small-γ fractions and what clamping them costs, and each method's effective initial scale. They read run folders
+through :mod:`.layout` only; the estimation plot reads the report's own tables and the learning curves the report's
+own :func:`.convergence.learning_curves`, so the picture and the table can never disagree. Every plot names a method
+by its label when the report has one (``labels``).
 
 Each ``plot_*`` function returns an unsaved figure (tests inspect its artists); :func:`plot_sweep` saves and closes
 them. Every figure uses constrained layout with its legend outside the axes, so no legend covers data.
@@ -25,13 +27,15 @@ from matplotlib.transforms import blended_transform_factory
 
 from . import layout
 from .analysis import GAMMA_THRESHOLDS, small_gamma_fraction
+from .convergence import CURVE_KEYS, Curve, learning_curves
 from .tables import SweepTable, format_p
 
-__all__ = ["plot_sweep", "plot_paired_differences", "plot_accuracy_per_epoch", "plot_gamma_by_depth",
-           "plot_small_gamma", "plot_initial_scale", "JITTER"]
+__all__ = ["plot_sweep", "plot_paired_differences", "plot_accuracy_per_epoch", "plot_learning_curves",
+           "plot_gamma_by_depth", "plot_small_gamma", "plot_initial_scale", "JITTER"]
 
 Groups = dict[tuple[str, str, float], list[dict[str, Any]]]
 Colours = dict[str, Any]
+Labels = dict[str, str] | None   # method -> the label a plot shows; None or a missing method: the method string
 
 # The estimation plot's seed points sit in a band just above their row's mean and CI, so none hides behind the bar
 POINTS_ABOVE = 0.25     # distance of the band's centre above the row
@@ -45,6 +49,10 @@ def _grouped(runs: list[dict[str, Any]]) -> Groups:
         if run["final"] is not None:
             groups[(run.get("dataset", "?"), run["method"], run["lr"])].append(run)
     return groups
+
+
+def _name(labels: Labels, method: str) -> str:
+    return (labels or {}).get(method, method)
 
 
 def _figure(width: float, height: float, **subplots: Any) -> tuple[Figure, Any]:
@@ -76,7 +84,7 @@ def _metric_text(metric: str) -> str:
     return "test accuracy at the best-validation epoch" if metric == "best_val" else "test accuracy at the last epoch"
 
 
-def _row_text(cell: Any, holm: bool) -> str:
+def _row_text(cell: Any, holm: bool, alternative: str = "greater") -> str:
     """What the estimation plot writes beside a row: the mean difference, its CI and the table's p-value."""
     if cell is None:
         return "not run"
@@ -85,7 +93,9 @@ def _row_text(cell: Any, holm: bool) -> str:
     summary = cell.power
     p = cell.p_holm if holm else cell.p
     interval = f"{summary.mean_diff:+.2f} [{summary.ci_low:+.2f}, {summary.ci_high:+.2f}]".replace("-", "−")
-    return f"{interval}\n{'p (Holm)' if holm else 'p'} = {format_p(p)}, n = {cell.n}"
+    qualifiers = (["two-sided"] if alternative == "two-sided" else []) + (["Holm"] if holm else [])
+    name = f"p ({', '.join(qualifiers)})" if qualifiers else "p"
+    return f"{interval}\n{name} = {format_p(p)}, n = {cell.n}"
 
 
 def plot_paired_differences(table: SweepTable, colours: Colours) -> Figure:
@@ -98,9 +108,9 @@ def plot_paired_differences(table: SweepTable, colours: Colours) -> Figure:
     ``text/<method>``.
     """
     methods = [m for m in table.methods if m != table.baseline]
-    label_inches = 0.075 * max((len(m) for m in methods), default=0)  # the row labels' width, so long method
+    label_inches = 0.075 * max((len(table.label(m)) for m in methods), default=0)  # the row labels' width, so long
     fig, axes = _figure(4.2 * len(table.lrs) + 2.0 + label_inches, 1.4 + 0.75 * max(len(methods), 1),  # names
-                        ncols=len(table.lrs), sharey=True)                                               # leave room
+                        ncols=len(table.lrs), sharey=True)                                       # names leave room
     rng = np.random.default_rng(0)  # the same jitter every time the report is written
     beside = []
     for ax, lr in zip(axes[0], table.lrs):
@@ -122,25 +132,26 @@ def plot_paired_differences(table: SweepTable, colours: Colours) -> Figure:
                 for artist in bars.get_children():
                     artist.set_gid(f"mean_ci/{method}")
                 extent += [summary.ci_low, summary.ci_high]
-            beside.append(ax.text(1.03, row, _row_text(cell, table.holm), transform=side, va="center", ha="left",
-                                  fontsize=8, gid=f"text/{method}"))
+            beside.append(ax.text(1.03, row, _row_text(cell, table.holm, table.alternative), transform=side,
+                                  va="center", ha="left", fontsize=8, gid=f"text/{method}"))
         ax.axvline(0.0, color="grey", lw=0.9, ls="--", zorder=1)
         low, high = min(extent), max(extent)
         margin = 0.08 * (high - low) if high > low else 0.5
         ax.set_xlim(low - margin, high + margin)
-        ax.set(title=f"lr {lr:g}", xlabel=f"method − {table.baseline} (percentage points)")
+        ax.set(title=f"lr {lr:g}", xlabel=f"method − {table.label(table.baseline)} (percentage points)")
         ax.grid(alpha=0.3, axis="x")
-    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].set_yticks(range(len(methods)), [table.label(m) for m in methods])
     axes[0][0].set_ylim(len(methods) - 0.5, -0.5)  # first method on top, as in the table
-    fig.suptitle(f"{table.dataset}: {_metric_text(table.metric)}, paired by seed with {table.baseline}", fontsize=10)
+    fig.suptitle(f"{table.dataset}: {_metric_text(table.metric)}, paired by seed with "
+                 f"{table.label(table.baseline)}", fontsize=10)
     _legend_below(fig, [Line2D([], [], ls="", marker="o", color="grey", alpha=0.75),
                         Line2D([], [], ls="-", marker="D", color="black", markersize=5)],
-                  [f"one seed: method − {table.baseline}", "mean difference, 95% CI (paired t)"])
+                  [f"one seed: method − {table.label(table.baseline)}", "mean difference, 95% CI (paired t)"])
     return fig
 
 
 def plot_accuracy_per_epoch(groups: Groups, dataset: str, methods: list[str], lrs: list[float],
-                            colours: Colours) -> Figure:
+                            colours: Colours, labels: Labels = None) -> Figure:
     """Test accuracy per epoch, mean ± sample std band over seeds per method, one panel per learning rate."""
     fig, axes = _figure(5.0 * len(lrs) + 0.5, 4.2, ncols=len(lrs))
     legend: dict[str, Any] = {}
@@ -157,7 +168,7 @@ def plot_accuracy_per_epoch(groups: Groups, dataset: str, methods: list[str], lr
             std = values.std(0, ddof=1) if len(values) > 1 else np.zeros(length)
             (line,) = ax.plot(epochs, mean, marker="o", markersize=3, color=colours[method])
             ax.fill_between(epochs, mean - std, mean + std, alpha=_band_alpha(methods), color=colours[method], lw=0)
-            legend.setdefault(f"{method} (n={len(values)})", line)
+            legend.setdefault(f"{_name(labels, method)} (n={len(values)})", line)
         ax.set(title=f"{dataset}, lr {lr:g}: mean ± sample std over seeds", xlabel="epoch", ylabel="test accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -165,11 +176,47 @@ def plot_accuracy_per_epoch(groups: Groups, dataset: str, methods: list[str], lr
     return fig
 
 
-def plot_gamma_by_depth(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours) -> Figure:
+CURVE_TITLES = {"val_acc": "validation accuracy (%)", "val_loss": "validation loss (cross-entropy)",
+                "test_acc": "test accuracy (%)"}
+
+
+def plot_learning_curves(curves: dict[tuple[str, float], Curve], dataset: str, methods: list[str], lrs: list[float],
+                         colours: Colours, labels: Labels = None) -> Figure:
+    """Validation accuracy, validation loss and test accuracy per epoch: mean ± sample sd band over seeds per method,
+    a column per quantity (those some run recorded), a row per learning rate. Methods of different lengths (a budget
+    pilot's ``epochs`` values) share the epoch axis. Lines carry ``gid`` ``curve/<key>/<method>``."""
+    keys = [k for k in CURVE_KEYS if any(np.isfinite(c.mean[k]).any() for c in curves.values())]
+    fig, axes = _figure(4.3 * max(len(keys), 1) + 0.3, 3.3 * len(lrs) + 0.5, ncols=max(len(keys), 1), nrows=len(lrs),
+                        sharex=True)
+    legend: dict[str, Any] = {}
+    for row, lr in enumerate(lrs):
+        for ax, key in zip(axes[row], keys):
+            for method in methods:
+                curve = curves.get((method, lr))
+                if curve is None or not np.isfinite(curve.mean[key]).any():
+                    continue
+                mean, sd = curve.mean[key], np.nan_to_num(curve.sd[key])  # one seed: no band
+                (line,) = ax.plot(curve.epochs, mean, marker="o", markersize=3, color=colours[method],
+                                  gid=f"curve/{key}/{method}")
+                ax.fill_between(curve.epochs, mean - sd, mean + sd, alpha=_band_alpha(methods), color=colours[method],
+                                lw=0)
+                legend.setdefault(f"{_name(labels, method)} (n={curve.n})", line)
+            ax.set_title(f"lr {lr:g}: {CURVE_TITLES[key]}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if row == len(lrs) - 1:
+                ax.set_xlabel("epoch")
+    fig.suptitle(f"{dataset}: learning curves, mean ± sample sd over seeds", fontsize=10)
+    _legend_below(fig, list(legend.values()), list(legend))
+    return fig
+
+
+def plot_gamma_by_depth(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours,
+                        labels: Labels = None) -> Figure:
     """Final γ by depth: median and 10-90% band of γ per BN layer, over channels and seeds."""
     fig, axes = _figure(8, 4.2)
     ax = axes[0][0]
-    handles, labels, bands = [], [], []
+    handles, names, bands = [], [], []
     for method in methods:
         per_layer: dict[int, list[float]] = defaultdict(list)
         for run in groups[(dataset, method, lr)]:
@@ -183,7 +230,7 @@ def plot_gamma_by_depth(groups: Groups, dataset: str, methods: list[str], lr: fl
         ax.fill_between(depths, quantiles[:, 0], quantiles[:, 2], alpha=_band_alpha(methods), color=colours[method],
                         lw=0)
         handles.append(line)
-        labels.append(method)
+        names.append(_name(labels, method))
         bands.append(quantiles)
     logarithmic = bool(bands) and min(b.min() for b in bands) > 0 and \
         max(b[:, 1].max() for b in bands) > 4 * min(b[:, 1].min() for b in bands)
@@ -196,7 +243,7 @@ def plot_gamma_by_depth(groups: Groups, dataset: str, methods: list[str], lr: fl
            xlabel="BN layer (input → output)", ylabel="γ (log scale)" if logarithmic else "γ")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    _legend_below(fig, handles, labels)
+    _legend_below(fig, handles, names)
     return fig
 
 
@@ -211,7 +258,8 @@ def _clamp_drops(group: list[dict[str, Any]]) -> tuple[list[float], np.ndarray] 
     return thresholds, drops
 
 
-def plot_small_gamma(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours) -> Figure:
+def plot_small_gamma(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours,
+                     labels: Labels = None) -> Figure:
     """Left: the % of BN channels with |γ| below each threshold. Right: the test accuracy lost (last epoch, mean ±
     sample std over seeds) when those γ are set to 0: a drop, so that differences of a tenth of a point show.
 
@@ -257,11 +305,12 @@ def plot_small_gamma(groups: Groups, dataset: str, methods: list[str], lr: float
               ylabel="accuracy drop (percentage points)")
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="y")
-    _legend_below(fig, handles, methods)
+    _legend_below(fig, handles, [_name(labels, m) for m in methods])
     return fig
 
 
-def plot_initial_scale(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours) -> Figure:
+def plot_initial_scale(groups: Groups, dataset: str, methods: list[str], lr: float, colours: Colours,
+                       labels: Labels = None) -> Figure:
     """Each method's effective initial scale (γ × the calibration's initial factor, averaged over channels and
     seeds), as horizontal bars so that long method names read level."""
     fig, axes = _figure(6.5, 1.3 + 0.38 * len(methods))
@@ -270,7 +319,7 @@ def plot_initial_scale(groups: Groups, dataset: str, methods: list[str], lr: flo
               for m in methods]
     bars = ax.barh(range(len(methods)), scales, color=[colours[m] for m in methods])
     ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=4)
-    ax.set_yticks(range(len(methods)), methods)
+    ax.set_yticks(range(len(methods)), [_name(labels, m) for m in methods])
     ax.set_ylim(len(methods) - 0.5, -0.5)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--", zorder=0)
     ax.margins(x=0.12)
@@ -278,13 +327,15 @@ def plot_initial_scale(groups: Groups, dataset: str, methods: list[str], lr: flo
     return fig
 
 
-def plot_sweep(runs: list[dict[str, Any]], folder: Path, tables: list[SweepTable]) -> list[Path]:
+def plot_sweep(runs: list[dict[str, Any]], folder: Path, tables: list[SweepTable], curves: bool = False) -> list[Path]:
     """Every plot of a sweep, per data set, into ``folder``; returns the files written.
 
     Args:
         runs: the sweep's runs (:func:`.layout.sweep_runs`).
         folder: where the PNGs go.
-        tables: the report's tables (:func:`.report.summarise`), the numbers of the estimation plot.
+        tables: the report's tables (:func:`.report.summarise`), the numbers of the estimation plot and the labels of
+            every plot.
+        curves: also draw the learning curves (``<dataset>_learning_curves.png``), as the report's section does.
     """
     groups = _grouped(runs)
     written = []
@@ -293,15 +344,20 @@ def plot_sweep(runs: list[dict[str, Any]], folder: Path, tables: list[SweepTable
         methods = list(dict.fromkeys(k[1] for k in keys))
         lrs = sorted({k[2] for k in keys}, reverse=True)
         colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+        labels = next((dict(t.labels) for t in tables if t.dataset == dataset), {})
         for table in tables:
             if table.dataset == dataset and len(table.methods) > 1:
                 written.append(_save(plot_paired_differences(table, colours),
                                      folder / f"{dataset}_paired_differences.png"))
-        written.append(_save(plot_accuracy_per_epoch(groups, dataset, methods, lrs, colours),
+        written.append(_save(plot_accuracy_per_epoch(groups, dataset, methods, lrs, colours, labels),
                              folder / f"{dataset}_accuracy_per_epoch.png"))
+        if curves:
+            written.append(_save(plot_learning_curves(learning_curves(runs, dataset), dataset, methods, lrs, colours,
+                                                      labels), folder / f"{dataset}_learning_curves.png"))
         lr = lrs[0]  # γ analyses at the largest learning rate (the paper's main setting)
         present = [m for m in methods if (dataset, m, lr) in groups]
         for plot, name in ((plot_gamma_by_depth, "gamma_by_depth"), (plot_small_gamma, "small_gamma"),
                            (plot_initial_scale, "initial_scale")):
-            written.append(_save(plot(groups, dataset, present, lr, colours), folder / f"{dataset}_{name}.png"))
+            written.append(_save(plot(groups, dataset, present, lr, colours, labels),
+                                 folder / f"{dataset}_{name}.png"))
     return written
