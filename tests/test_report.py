@@ -127,9 +127,14 @@ def test_the_committed_studies_report_byte_for_byte_as_committed(tmp_path, study
     """The report each study wrote (its protocol has no analysis block, so today's defaults), written again now from
     its own summaries: every byte of report.md, report.csv and the LaTeX table is the same, and nothing new is added.
     (v1's reports predate the power section.)"""
+    from timm_bninit.experiment.study import load_protocol, report_options
+
     folder = ROOT / "studies" / study / part
     out = _sweep_from_summaries(tmp_path / "sweep", json.loads((folder / "summaries.json").read_text()))
-    written = write_report(out, tmp_path / "report", plots=False, use_holm=True)  # as the study command wrote it
+    options = report_options(load_protocol(ROOT / "studies" / study)["parts"][part])
+    assert options == {"metric": "best_val", "alternative": "greater", "use_holm": True, "baseline": "base",
+                       "labels": None}
+    written = write_report(out, tmp_path / "report", plots=False, **options)
     assert sorted(p.name for p in written) == ["report.csv", "report.md", "report_digits.tex"]
     for path in written:
         assert path.read_bytes() == (folder / path.name).read_bytes(), path.name

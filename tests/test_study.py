@@ -10,6 +10,7 @@ import yaml
 from fake_datasets import make_imagefolder
 from scipy import stats
 
+from timm_bninit.errors import BNInitError
 from timm_bninit.experiment.cli import study_dirs
 from timm_bninit.experiment.recipe import RecipeError, load_recipe
 from timm_bninit.experiment.study import load_protocol, run_study
@@ -108,3 +109,70 @@ def test_every_committed_study_plans_from_its_own_folder(protocol):
                 assert Path(part[key]).parent == folder / "recipes" and Path(part[key]).is_file()
         specs = plan_sweep(part["recipe"], part["methods"], part["lr"], parse_seeds(loaded["seeds"]), "unused")
         assert len(specs) == len(part["methods"]) * len(part["lr"]) * len(parse_seeds(loaded["seeds"]))
+
+
+def _protocol(tmp_path: Path, **part) -> Path:
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump({"seeds": "1-2", "parts": {"a": {"recipe": "demo", "lr": [0.1], "methods": [
+        "base", "bn_gamma01", "bn_gamma1+gamma_init=0.269+gamma_lr_div=1"], **part}}}, allow_unicode=True))
+    return path
+
+
+def test_a_part_says_how_it_is_reported(tmp_path):
+    from timm_bninit.experiment.study import report_options
+
+    labels = {"base": "BASE", "bn_gamma01": "γ-init", "bn_gamma1+gamma_init=0.269+gamma_lr_div=1": "BN γ0=0.269"}
+    part = load_protocol(_protocol(tmp_path, labels=labels, analysis={"metric": "last", "alternative": "two-sided",
+                                                                      "holm": False}))["parts"]["a"]
+    assert report_options(part) == {"metric": "last", "alternative": "two-sided", "use_holm": False,
+                                    "baseline": "base", "labels": labels}
+    # a part without them is reported as every study so far: best-validation epoch, one-sided, Holm, against base
+    assert report_options(load_protocol(_protocol(tmp_path))["parts"]["a"]) == {
+        "metric": "best_val", "alternative": "greater", "use_holm": True, "baseline": "base", "labels": None}
+    budget = load_protocol(_protocol(tmp_path, methods="base+epochs=8,base+epochs=16",
+                                     analysis={"baseline": "base+epochs=8"}))["parts"]["a"]
+    assert report_options(budget)["baseline"] == "base+epochs=8"
+
+
+@pytest.mark.parametrize("part,message", [
+    ({"analysis": {"metric": "best"}}, "analysis metric must be one of best_val, last, got 'best'"),
+    ({"analysis": {"alternative": "less"}}, "analysis alternative must be one of greater, two-sided"),
+    ({"analysis": {"holm": "yes please"}}, "analysis holm must be one of True, False"),
+    ({"analysis": {"sided": 2}}, "unknown analysis key"),
+    ({"analysis": ["last"]}, "analysis must be a mapping"),
+    ({"analysis": {"baseline": "rbn"}}, "analysis baseline 'rbn' is not one of the part's methods"),
+    ({"labels": {"rbn": "RBN"}}, "labels name methods that are not in the sweep: rbn"),
+    ({"labels": {"base": "B", "bn_gamma01": "B"}}, "have the same label 'B'"),
+])
+def test_a_part_with_unusable_reporting_is_refused_when_the_protocol_loads(tmp_path, part, message):
+    with pytest.raises(BNInitError, match=message):
+        load_protocol(_protocol(tmp_path, **part))
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2", "v2/pilot.yaml", "v3"])
+def test_every_committed_study_is_reported_as_it_was(protocol):
+    from timm_bninit.experiment.study import report_options
+
+    for part in load_protocol(ROOT / "studies" / protocol)["parts"].values():
+        assert report_options(part) == {"metric": "best_val", "alternative": "greater", "use_holm": True,
+                                        "baseline": "base", "labels": None}
+
+
+def test_the_study_writes_each_part_report_with_its_options(tmp_path, monkeypatch):
+    from timm_bninit.experiment import study
+
+    calls = {}
+    monkeypatch.setattr(study, "plan_sweep", lambda *args, **kwargs: [])
+    monkeypatch.setattr(study, "run_sweep", lambda *args, **kwargs: {"finished": []})
+    monkeypatch.setattr(study, "_summaries", lambda out: [])
+
+    def write_report(out, report_dir, **options):
+        report_dir.mkdir(parents=True)
+        calls[out.name] = options
+
+    monkeypatch.setattr(study, "write_report", write_report)
+    labels = {"base": "BASE"}
+    path = _protocol(tmp_path, labels=labels, analysis={"alternative": "two-sided"})
+    study.run_study(path, tmp_path / "runs", tmp_path / "docs", log=lambda _: None)
+    assert calls == {"a": {"metric": "best_val", "alternative": "two-sided", "use_holm": True, "baseline": "base",
+                           "labels": labels}}

@@ -1,7 +1,12 @@
 """A reproduction study in one command: a study folder (``studies/v3/``: ``protocol.yaml``, the recipes it names, its
 reports) whose protocol is a set of sweeps, run resumably and reported into that folder. Each part is an ordinary
 sweep (:mod:`.sweep`); a part with ``pretrain`` first trains that recipe once and fine-tunes every run of the part
-from its best-validation weights."""
+from its best-validation weights.
+
+A part may also say how it is reported: ``labels`` (method → readable label, for every table and plot) and an
+``analysis`` block (``metric: best_val|last``, ``alternative: greater|two-sided``, ``holm: true|false``,
+``baseline``). Without them a part is reported as every study so far was: best-validation epoch, one-sided,
+Holm-corrected, against ``base``, method strings as they are."""
 
 from __future__ import annotations
 
@@ -17,11 +22,14 @@ import yaml
 from . import layout
 from .layout import RunError
 from .recipe import RecipeError, load_recipe
-from .report import write_report
+from .report import ALTERNATIVES, METRICS, check_labels, write_report
 from .sweep import parse_seeds, plan_sweep, run_sweep
 from .train import run_finetune
 
-__all__ = ["load_protocol", "protocol_file", "run_study"]
+__all__ = ["load_protocol", "protocol_file", "report_options", "run_study", "ANALYSIS_DEFAULTS"]
+
+# How a part is reported when its protocol has no analysis block: as studies v1-v3 were
+ANALYSIS_DEFAULTS = {"metric": "best_val", "alternative": "greater", "holm": True, "baseline": "base"}
 
 
 def protocol_file(study: str | os.PathLike) -> Path:
@@ -52,7 +60,37 @@ def load_protocol(study: str | os.PathLike) -> dict[str, Any]:
             given = Path(str(part.get(key) or ""))
             if given.suffix and not given.is_absolute():
                 part[key] = str(path.parent / given)
+        _check_reporting(part, f"{path}: part {name!r}")
     return protocol
+
+
+def _check_reporting(part: dict[str, Any], where: str) -> None:
+    """A part's ``labels`` and ``analysis``, checked when the protocol loads, before any run."""
+    given = part["methods"]  # as plan_sweep reads it (a list, or one comma-separated string)
+    methods = [str(m).strip() for m in (given.split(",") if isinstance(given, str) else given) if str(m).strip()]
+    check_labels(part.get("labels"), methods, where=f"{where} labels")
+    analysis = part.get("analysis", {})
+    if not isinstance(analysis, dict):
+        raise RecipeError(f"{where}: analysis must be a mapping of {', '.join(ANALYSIS_DEFAULTS)}, got {analysis!r}")
+    unknown = sorted(set(analysis) - set(ANALYSIS_DEFAULTS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown analysis key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(ANALYSIS_DEFAULTS)}")
+    choices = {"metric": tuple(METRICS), "alternative": ALTERNATIVES, "holm": (True, False)}
+    for key, allowed in choices.items():
+        if key in analysis and (analysis[key] not in allowed or type(analysis[key]) is not type(allowed[0])):
+            raise RecipeError(f"{where}: analysis {key} must be one of {', '.join(map(str, allowed))}, "
+                              f"got {analysis[key]!r}")
+    if "baseline" in analysis and analysis["baseline"] not in methods:
+        raise RecipeError(f"{where}: analysis baseline {analysis['baseline']!r} is not one of the part's methods")
+
+
+def report_options(part: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`.report.write_report` keywords of a (loaded) protocol part: its ``analysis`` over
+    :data:`ANALYSIS_DEFAULTS`, and its ``labels``."""
+    analysis = {**ANALYSIS_DEFAULTS, **part.get("analysis", {})}
+    return {"metric": analysis["metric"], "alternative": analysis["alternative"], "use_holm": analysis["holm"],
+            "baseline": analysis["baseline"], "labels": part.get("labels")}
 
 
 def machine() -> dict[str, Any]:
@@ -64,9 +102,11 @@ def machine() -> dict[str, Any]:
 
 
 def _summaries(out: Path) -> list[dict[str, Any]]:
+    # gamma_change only where the run recorded it, so summaries of runs from before stay as they were
     return [{"method": run["method"], "lr": run["lr"], "seed": run["seed"], "dataset": run["dataset"],
              **{k: run["final"][k] for k in ("test_acc_at_best_val", "test_acc_last", "best_epoch",
-                                             "initial_effective_scale", "gamma_clamp")}}
+                                             "initial_effective_scale", "gamma_clamp")},
+             **{k: run["final"][k] for k in ("gamma_change",) if run["final"].get(k) is not None}}
             for run in layout.sweep_runs(out)]
 
 
@@ -98,7 +138,7 @@ def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: st
                                f"command again to resume them")
         timings[name] = time.time() - part_started
         report_dir = docs / name
-        write_report(out / name, report_dir, use_holm=True)
+        write_report(out / name, report_dir, **report_options(part))
         layout.write_json(report_dir / layout.SUMMARY_FILE, _summaries(out / name))
     record = {"protocol": str(protocol_path), "seeds": seeds, "parallel": parallel,
               "wall_seconds_this_invocation": time.time() - started, "part_seconds_this_invocation": timings,
