@@ -78,6 +78,9 @@ def test_two_processes_with_sync_bn_equal_one_process(recipe, tmp_path):
     for a, b in zip(m1, m2):  # equal up to floating-point reduction order
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert (b["val_acc"], b["test_acc"]) == (a["val_acc"], a["test_acc"])
+        # the losses are gathered with the predictions: the two ranks' shares make the one process's whole split
+        assert (b["val_loss"], b["test_loss"]) == (pytest.approx(a["val_loss"], rel=1e-4),
+                                                   pytest.approx(a["test_loss"], rel=1e-4))
     s1, s2 = _running_stats(tmp_path / "one"), _running_stats(tmp_path / "two")
     assert s1.keys() == s2.keys() and s1
     synced_gap = max(float((s2[k] - s1[k]).abs().max()) for k in s1)
