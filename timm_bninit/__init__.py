@@ -10,6 +10,8 @@ model, optimizer and scheduler a run of a recipe starts with.
 """
 
 from . import norm as norm
+from .cifar_stem import CIFAR_STEM_BASES, apply_cifar_stem, cifar_stem_name, register_cifar_stem_model
+from .cifar_stem import _register_builtin as _register_cifar_stem_models
 from .convert import BN_TRANSFER_POLICIES, BNTransferWarning, UnknownPolicyError, convert_norm, recalibrate_bn_stats
 from .errors import BNInitError
 from .factory import create_model, reapply_norm_init
@@ -29,8 +31,9 @@ from .sync import SyncBatchNormGamma, SyncBatchNormGammaAct, VariantSyncError, c
 from .sync import install_sync_guards as _install_sync_guards
 
 _register_builtin()
+_register_cifar_stem_models()
 _install_sync_guards()
-del _register_builtin, _install_sync_guards
+del _register_builtin, _register_cifar_stem_models, _install_sync_guards
 
 __version__ = "0.1.0"
 
@@ -53,6 +56,7 @@ __all__ = [
     *norm.__all__,
     "BNInitError",
     "BNTransferWarning",
+    "CIFAR_STEM_BASES",
     "BN_TRANSFER_POLICIES",
     "LoadReport",
     "PretrainedLoadError",
@@ -61,7 +65,9 @@ __all__ = [
     "UnknownNormLayerError",
     "VariantSyncError",
     "UnknownPolicyError",
+    "apply_cifar_stem",
     "bn_gammas",
+    "cifar_stem_name",
     "convert_norm",
     "convert_sync_batchnorm",
     "create_model",
@@ -74,5 +80,6 @@ __all__ = [
     "param_groups",
     "reapply_norm_init",
     "recalibrate_bn_stats",
+    "register_cifar_stem_model",
     "register_norm_layer",
 ]
