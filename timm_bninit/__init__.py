@@ -5,8 +5,9 @@ Example::
     import timm, timm_bninit
     model = timm.create_model("resnet50", norm_layer="bn_gamma01", zero_init_last=False)
 
-``timm_bninit.build_training(recipe, **overrides)`` (from the experiment engine, loaded on first use) returns the
-model, optimizer and scheduler a run of a recipe starts with.
+From the experiment engine, loaded on first use: ``timm_bninit.build_training(recipe, **overrides)`` returns the
+model, optimizer and scheduler a run of a recipe starts with, and ``timm_bninit.load_run(run_dir)`` the trained model
+a finished run evaluated.
 """
 
 from . import norm as norm
@@ -40,11 +41,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the experiment engine (accelerate, datasets) loads only when asked for: `import timm_bninit` stays the plugin.
-    # This is the plugin floor's one import of the engine, allowed as its front door (tests/test_import_floors.py)
+    # These are the plugin floor's imports of the engine, allowed as its front doors (tests/test_import_floors.py)
     if name == "build_training":
         from .experiment.train import build_training
 
         return build_training
+    if name == "load_run":
+        from .experiment.trained import load_run
+
+        return load_run
     if name == "VARIANT_TYPES":  # each registered layer class -> its fused twin, read from the registry when asked
         from .registry import variant_types
 
