@@ -264,11 +264,11 @@ def test_what_cannot_be_expressed_is_refused_in_one_line(tmp_path, capsys):
     assert export_main([str(unfinished), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "holds no finished run (status: pending" in err
-    # the CIFAR stem on a ResNet no timm name is registered for
-    fake_finished_run(tmp_path / "stem", tiny_config(tmp_path, tmp_path, model="resnet26", cifar_stem=True))
+    # the CIFAR stem on a ResNet no timm name is registered for (test_cifar_stem registers resnet26's: not this one)
+    fake_finished_run(tmp_path / "stem", tiny_config(tmp_path, tmp_path, model="seresnet18", cifar_stem=True))
     assert export_main([str(tmp_path / "stem"), str(tmp_path / "stem-out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "register 'resnet26_cifar_stem' with timm_bninit.register_cifar_stem_model" in err
+    assert err.count("\n") == 1 and "register 'seresnet18_cifar_stem' with timm_bninit.register_cifar_stem_model" in err
     # an input BN with a γ ≤ 0 is no mean/std normalisation
     run_dir = tmp_path / "negative"
     fake_finished_run(run_dir, tiny_config(tmp_path, tmp_path, input_bn=True))

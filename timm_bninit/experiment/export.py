@@ -280,7 +280,7 @@ def _norm_lines(config: Recipe, model: nn.Module) -> list[str]:
     if config.gamma_init is not None:
         lines.append(f"- **γ0 (recipe `gamma_init`):** {config.gamma_init:g} (initialisation only)")
     divisor = config.gamma_lr_div if config.gamma_lr_div is not None else getattr(layer, "gamma_lr_div", 1.0)
-    source = "recipe `gamma_lr_div`" if config.gamma_lr_div is not None else "the variant's"
+    source = "recipe `gamma_lr_div`" if config.gamma_lr_div is not None else "the norm layer's"
     lines.append(f"- **γ learning rate:** base / {divisor:g} ({source}; training only)")
     return lines
 
