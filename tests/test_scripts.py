@@ -14,7 +14,7 @@ print(gc.isenabled(), gc.get_freeze_count())
 """
 
 
-@pytest.mark.parametrize("script", ["finetune.py", "compare.py", "study.py"])
+@pytest.mark.parametrize("script", ["finetune.py", "compare.py", "study.py", "export.py"])
 def test_a_script_leaves_the_collector_on_and_its_imports_frozen(script):
     out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "scripts" / script)], capture_output=True,
                          text=True, timeout=300, check=True).stdout.split()

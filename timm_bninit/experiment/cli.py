@@ -1,4 +1,4 @@
-"""The command lines of ``scripts/finetune.py``, ``scripts/compare.py`` and ``scripts/study.py``.
+"""The command lines of ``scripts/finetune.py``, ``scripts/compare.py``, ``scripts/study.py`` and ``scripts/export.py``.
 
 Every project error (:class:`timm_bninit.errors.BNInitError`) is caught in one place, :func:`_one_line_errors`, and
 printed as one line on stderr with exit code 2: never a traceback.
@@ -21,7 +21,7 @@ from .train import run_finetune
 # compare.py's and study.py's modules (report, power, sweep, study) are imported where those commands start: at the
 # top they would bring scipy and submitit into every finetune.py process (measured: ~60 MiB RSS, 0.6-1 s start-up)
 
-__all__ = ["compare_main", "finetune_main", "study_dirs", "study_main"]
+__all__ = ["compare_main", "export_main", "finetune_main", "study_dirs", "study_main"]
 
 
 def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
@@ -227,4 +227,35 @@ def study_main(argv: list[str] | None = None) -> int:
     record = run_study(args.study, out, report_dir, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
     print(f"study finished in {record['wall_seconds_this_invocation'] / 60:.1f} min on {record['machine']['cores']} "
           f"cores ({record['machine']['cpu']}); reports in {report_dir}")
+    return 0
+
+
+@_one_line_errors
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Write a finished run's model as a timm model folder (config.json, model.safetensors, a model "
+                    "card) that timm.create_model('local-dir:OUT_DIR', pretrained=True) loads after `import "
+                    "timm_bninit`; optionally push it to the Hugging Face hub.")
+    parser.add_argument("run_dir", help="a finished run directory")
+    parser.add_argument("out_dir", help="a new or empty folder to write")
+    parser.add_argument("--which", default="best", choices=["best", "last"],
+                        help="the best-validation epoch's weights (default) or the last epoch's")
+    parser.add_argument("--push", metavar="REPO_ID",
+                        help="then upload the folder to this hub repository (token: HF_TOKEN or a saved login)")
+    parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    parser.add_argument("--license", help="the model card's licence (default: the pretrained weights', else "
+                                          "apache-2.0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    args = parser.parse_args(argv)
+    from .export import export_run, push
+
+    export = export_run(args.run_dir, args.out_dir, args.which, overwrite=args.overwrite, license_id=args.license,
+                        repo_id=args.push)
+    print(f"{export.folder}: {export.architecture} {export.model_args}, {len(export.label_names)} classes; load it "
+          f'with timm.create_model("local-dir:{export.folder}", pretrained=True) after `import timm_bninit`')
+    for note in export.notes:
+        print(f"  {note}")
+    if args.push:
+        print(f"pushed: {push(export.folder, args.push, private=args.private)}")
     return 0

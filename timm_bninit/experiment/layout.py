@@ -8,7 +8,10 @@ copied results folder without importing training. A run directory::
     initial_gammas.json  every BN γ when the run started (written once; a resume keeps it)
     final.json           the result (FINAL_KEYS); its presence means "finished"
     error.json           a sweep's record of a failed run
-    best_model.safetensors, final_gammas.json, load_report.json
+    best_model.safetensors, last_model.safetensors
+                         the evaluated weights (the EMA's, with one) of the best-validation and of the last epoch
+    model_info.json      what the weights need to be used: class names, the evaluation's data config
+    final_gammas.json, load_report.json
     checkpoint/          the state after the last finished epoch (checkpoint.new/.old only during a swap)
 
 A sweep directory holds ``sweep.json`` (the planned grid) and one run directory per cell,
@@ -35,10 +38,12 @@ if TYPE_CHECKING:
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
     "INITIAL_GAMMAS_FILE", "METRICS_KEYS", "read_initial_gammas", "write_initial_gammas",
-    "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
+    "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "LAST_MODEL_FILE", "MODEL_INFO_FILE",
+    "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
     "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
-    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_config", "read_error",
+    "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_model_info",
+    "read_model_info", "write_config", "read_config", "read_error",
     "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
     "check_new_run_dir",
 ]
@@ -51,6 +56,8 @@ GAMMAS_FILE = "final_gammas.json"
 INITIAL_GAMMAS_FILE = "initial_gammas.json"  # every BN γ before the first update, by module name (as GAMMAS_FILE)
 LOAD_REPORT_FILE = "load_report.json"
 BEST_MODEL_FILE = "best_model.safetensors"
+LAST_MODEL_FILE = "last_model.safetensors"
+MODEL_INFO_FILE = "model_info.json"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"   # inside checkpoint/: loop counters and the scheduler
 EMA_FILE = "ema.pt"                 # inside checkpoint/
@@ -168,6 +175,18 @@ def write_initial_gammas(run_dir: Path, gammas: dict[str, list[float]]) -> None:
 def read_initial_gammas(run_dir: str | os.PathLike) -> dict[str, list[float]] | None:
     """The γ a run started from, or None for a run started before they were recorded."""
     path = Path(run_dir) / INITIAL_GAMMAS_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def write_model_info(run_dir: Path, class_names: list[str], data_config: dict[str, Any]) -> None:
+    """``model_info.json``: the class names in label order and the data config (timm's ``input_size``, ``mean``,
+    ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``) the run evaluated with."""
+    write_json(run_dir / MODEL_INFO_FILE, {"class_names": list(class_names), "data_config": data_config})
+
+
+def read_model_info(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A run's ``model_info.json`` (``class_names``, ``data_config``), or None when it has none."""
+    path = Path(run_dir) / MODEL_INFO_FILE
     return read_json(path) if path.is_file() else None
 
 

@@ -9,6 +9,7 @@ not as an attribute of the data set, so DataLoader workers persist across epochs
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from .layout import RunError
 from .recipe import Recipe, resize_crop_problem, resize_crop_size
 from .seeding import rng_scope, seed_for, seed_globals
 
-__all__ = ["EpochIndex", "SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "build_loaders",
-           "decoded_images", "resize_crop_size", "yield_cpu_to_training"]
+__all__ = ["EpochIndex", "SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "eval_data_config",
+           "build_loaders", "decoded_images", "resize_crop_size", "yield_cpu_to_training"]
 
 _DECODED: dict[str, list[Any]] = {}  # per process: decoded images of a split, shared by the runs of a sweep worker
 
@@ -136,6 +137,33 @@ class EpochShuffleSampler(Sampler[EpochIndex]):
         return iter([EpochIndex(index, epoch) for index in torch.randperm(self.size, generator=generator).tolist()])
 
 
+def _squash_crop_pct(size: int, resize: int) -> float:
+    """The ``crop_pct`` with which timm's ``squash`` crop mode resizes to ``resize``×``resize`` before cutting ``size``
+    (timm resizes to ``floor(size / crop_pct)``; ``size / resize`` may round to a quotient just under ``resize``)."""
+    crop_pct = size / resize
+    while math.floor(size / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
+
+
+def eval_data_config(config: Recipe, model: nn.Module) -> dict[str, Any]:
+    """The evaluation transform of a run as timm's data config: ``input_size``, ``interpolation``, ``mean``, ``std``,
+    ``crop_pct``, ``crop_mode``. ``timm.data.create_transform(**config)`` rebuilds it (a ``resize<S>_crop`` is timm's
+    ``squash`` mode with ``crop_pct = img_size / S``); with ``input_bn`` mean 0 and std 1 keep the [0, 1] pixels.
+    """
+    data_config = resolve_model_data_config(model)
+    if config.input_bn:
+        data_config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    size, resize = config.img_size, resize_crop_size(config.augmentation)
+    if resize is None:
+        crop_pct, crop_mode = (data_config["crop_pct"] if size >= 128 else 1.0), "center"
+    else:
+        crop_pct, crop_mode = _squash_crop_pct(size, resize), "squash"
+    return {"input_size": (data_config["input_size"][0], size, size), "interpolation": data_config["interpolation"],
+            "mean": tuple(data_config["mean"]), "std": tuple(data_config["std"]), "crop_pct": crop_pct,
+            "crop_mode": crop_mode}
+
+
 def build_transforms(config: Recipe, model: nn.Module) -> tuple[Any, Any]:
     """Train and eval transforms: timm's (``resolve_model_data_config`` + ``create_transform``), or the fine-grained
     baselines' ``resize<S>_crop``.
@@ -145,11 +173,9 @@ def build_transforms(config: Recipe, model: nn.Module) -> tuple[Any, Any]:
     mmclassification's ResNet-50 CUB/Cars pipeline (``Resize(size=S)`` is S×S there), built from torchvision
     transforms because timm's training transforms (RRC, ``ResizeKeepRatio``) resize to the crop size itself, never
     to a fixed larger S. With ``input_bn`` the images stay [0, 1] pixels (mean 0, std 1): the model's input BN
-    normalises them.
+    normalises them. The eval transform is :func:`eval_data_config`'s, which a run records beside its weights.
     """
-    data_config = resolve_model_data_config(model)
-    if config.input_bn:
-        data_config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    data_config = eval_data_config(config, model)
     size, resize = config.img_size, resize_crop_size(config.augmentation)
     if resize is not None:
         problem = resize_crop_problem(config.augmentation, size)
@@ -164,7 +190,7 @@ def build_transforms(config: Recipe, model: nn.Module) -> tuple[Any, Any]:
         return train_transform, eval_transform
     eval_transform = create_transform(input_size=(3, size, size), is_training=False, mean=data_config["mean"],
                                       std=data_config["std"], interpolation=data_config["interpolation"],
-                                      crop_pct=data_config["crop_pct"] if size >= 128 else 1.0)
+                                      crop_pct=data_config["crop_pct"])
     if config.augmentation == "rrc":
         train_transform = create_transform(input_size=(3, size, size), is_training=True, mean=data_config["mean"],
                                            std=data_config["std"], interpolation=data_config["interpolation"])

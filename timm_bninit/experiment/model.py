@@ -11,8 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from ..cifar_stem import apply_cifar_stem
 from ..convert import BNTransferWarning
-from ..errors import RecipeError
 from ..factory import create_model
 from ..gammas import bn_gammas
 from ..pretrained import load_pretrained
@@ -83,16 +83,10 @@ def _transfer_warnings(config: Recipe) -> Iterator[None]:
 
 
 def cifar_stem(model: nn.Module, seed: int) -> nn.Module:
-    """Replace a ResNet's 7×7 stride-2 stem and max-pool by a 3×3 stride-1 convolution (CIFAR ResNets)."""
-    if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and isinstance(model.conv1, nn.Conv2d)):
-        raise RecipeError(f"cifar_stem applies to timm ResNets with a single-conv stem; {type(model).__name__} has "
-                          f"none (use a resnet* model or cifar_stem=false)")
-    old = model.conv1
+    """Replace a ResNet's 7×7 stride-2 stem and max-pool by a 3×3 stride-1 convolution (CIFAR ResNets), drawn from
+    ``seed``; the surgery is the plugin's (``timm_bninit.cifar_stem``), which also names these models for timm."""
     with rng_scope(seed):
-        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_in", nonlinearity="relu")
-    model.maxpool = nn.Identity()
-    return model
+        return apply_cifar_stem(model)
 
 
 def _is_norm_tensor(model: nn.Module, key: str) -> bool:

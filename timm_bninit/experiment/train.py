@@ -47,7 +47,7 @@ from .analysis import (
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
-from .loaders import Loaders, build_loaders, build_transforms
+from .loaders import Loaders, build_loaders, build_transforms, eval_data_config
 from .model import build_model
 from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
@@ -366,6 +366,11 @@ def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[
             layout.write_json(run_dir / layout.LOAD_REPORT_FILE, report.to_dict())
     if accelerator.is_main_process:
         layout.truncate_metrics(run_dir, state["epoch"])  # lines a kill left after the last checkpoint
+        # what the saved weights need to be used again (timm_bninit.load_run, export): the labels of the classifier's
+        # outputs (a `classes` subset relabelled in its order) and the evaluation's preprocessing
+        names = run.data_info.class_names
+        layout.write_model_info(run_dir, [names[c] for c in run.config.classes] if run.config.classes else names,
+                                eval_data_config(run.config, run.unwrapped))
     accelerator.wait_for_everyone()
     return state
 
@@ -380,8 +385,7 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
     if val > state["best_val"]:
         state.update(best_val=val, best_epoch=epoch + 1, test_at_best=accuracy["test"])
         if main:
-            save_file({k: v.contiguous().cpu() for k, v in run.evaluated.state_dict().items()},
-                      str(run_dir / layout.BEST_MODEL_FILE))
+            save_evaluated(run, run_dir / layout.BEST_MODEL_FILE)
     lrs = stats["lrs"]
     record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": accuracy.get("validation"),
               "test_acc": accuracy["test"], "val_loss": loss.get("validation"), "test_loss": loss["test"],
@@ -399,6 +403,11 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
         val_text = "n/a" if "validation" not in accuracy else f"{accuracy['validation']:.2f}"
         print(f"epoch {epoch + 1}: loss {stats['train_loss']:.4f}  val {val_text}  "
               f"test {accuracy['test']:.2f}  {stats['images_per_s']:.1f} img/s")
+
+
+def save_evaluated(run: Run, path: Path) -> None:
+    """The evaluated model's state dict as a plain (contiguous, CPU) safetensors file, as timm writes one."""
+    save_file({k: v.contiguous().cpu() for k, v in run.evaluated.state_dict().items()}, str(path))
 
 
 def _environment(accelerator: Any, config: Recipe) -> dict[str, Any]:
@@ -495,6 +504,8 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
     for epoch in range(state["epoch"], config.epochs):
         stats = train_one_epoch(run, epoch, state, show)
         _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
+    if accelerator.is_main_process:  # the last epoch's evaluated weights (a resume restores them from the checkpoint)
+        save_evaluated(run, run_dir / layout.LAST_MODEL_FILE)
     final = _final_result(run, state, started, layout.read_initial_gammas(run_dir))
     if accelerator.is_main_process:
         layout.write_json(run_dir / layout.GAMMAS_FILE, gamma_values(run.unwrapped))
