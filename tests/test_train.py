@@ -176,8 +176,17 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     kill_after_checkpoint(killed, tmp_path / "killed", epoch=2, timeout=240)
     assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
 
+    # resumed, killed again, and its newest checkpoint then damaged (the truncated weights): the second resume
+    # goes on from the previous checkpoint
+    resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
+    kill_after_checkpoint(resumed, tmp_path / "killed", epoch=4, timeout=240)
+    assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
+    saved = json.loads((tmp_path / "killed" / "checkpoint" / "manifest.json").read_text())["epoch"]
+    weights = tmp_path / "killed" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
     assert resumed.wait(timeout=300) == 0, _log(tmp_path / "killed", resumed=True)
+    assert f"resuming from checkpoint.previous (epoch {saved - 1})" in _log(tmp_path / "killed", resumed=True)
     expected = json.loads((tmp_path / "whole" / "final.json").read_text())
     got = json.loads((tmp_path / "killed" / "final.json").read_text())
     for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):

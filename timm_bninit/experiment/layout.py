@@ -8,7 +8,9 @@ copied results folder without importing training. A run directory::
     final.json           the result (FINAL_KEYS); its presence means "finished"
     error.json           a sweep's record of a failed run
     best_model.safetensors, final_gammas.json, load_report.json
-    checkpoint/          the state after the last finished epoch (checkpoint.new/.old only during a swap)
+    checkpoint/          the state after the last finished epoch, its files listed in its manifest.json
+    checkpoint.previous/ the state one epoch earlier, kept in case checkpoint/ is damaged
+    checkpoint.new/      only while a checkpoint is written
 
 A sweep directory holds ``sweep.json`` (the planned grid) and one run directory per cell,
 ``<method>/lr<lr>/seed<seed>``.
@@ -33,8 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
-    "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
-    "SUBMITIT_DIR", "JOBS_FILE",
+    "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "CHECKPOINT_PREVIOUS", "CHECKPOINT_NEW", "STATE_FILE",
+    "EMA_FILE", "MANIFEST_FILE", "PLAN_FILE", "SUMMARY_FILE", "SUBMITIT_DIR", "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
     "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_config", "read_error",
     "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
@@ -49,8 +51,11 @@ GAMMAS_FILE = "final_gammas.json"
 LOAD_REPORT_FILE = "load_report.json"
 BEST_MODEL_FILE = "best_model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_PREVIOUS = "checkpoint.previous"
+CHECKPOINT_NEW = "checkpoint.new"
 STATE_FILE = "trainer_state.json"   # inside checkpoint/: loop counters and the scheduler
 EMA_FILE = "ema.pt"                 # inside checkpoint/
+MANIFEST_FILE = "manifest.json"     # inside checkpoint/, written last: every file's size and SHA-256
 PLAN_FILE = "sweep.json"
 SUBMITIT_DIR = "submitit"           # in a sweep: submitit's folders (job scripts, pickles, logs), one per job
 JOBS_FILE = "jobs.json"             # in SUBMITIT_DIR: run directory (relative to the sweep) -> its last Slurm job
@@ -139,10 +144,21 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_metrics(run_dir: Path, epochs: int) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint (epoch > ``epochs``)."""
-    kept = [json.dumps(record) for record in read_metrics(run_dir) if record["epoch"] <= epochs]
-    if (run_dir / METRICS_FILE).is_file():
-        (run_dir / METRICS_FILE).write_text("".join(line + "\n" for line in kept))
+    """Drop the lines a killed run wrote after the checkpoint it resumes from (epoch > ``epochs``); atomically, so a
+    second kill cannot cost the lines kept."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:  # a line a kill cut short: its epoch is trained again
+            lines.pop()
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_gammas(run_dir: str | os.PathLike) -> dict[str, list[float]]:

@@ -21,7 +21,6 @@ import accelerate
 import datasets
 import timm
 import torch
-from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -36,7 +35,7 @@ from ..optim import param_group_fn
 from ..sync import convert_sync_batchnorm
 from . import layout
 from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale, freeze_all_but_norm, gamma_statistics
-from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, raise_if_any_failed, remove_checkpoint, save_best_model, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
@@ -342,18 +341,23 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
     """Select on validation, write the epoch's metrics line and the checkpoint."""
     main = run.accelerator.is_main_process
     val = accuracy.get("validation", accuracy["test"])  # no validation split: select on test, said in final
-    if val > state["best_val"]:
+    best = val > state["best_val"]
+    if best:
         state.update(best_val=val, best_epoch=epoch + 1, test_at_best=accuracy["test"])
-        if main:
-            save_file({k: v.contiguous().cpu() for k, v in run.evaluated.state_dict().items()},
-                      str(run_dir / layout.BEST_MODEL_FILE))
     lrs = stats["lrs"]
     record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": accuracy.get("validation"),
               "test_acc": accuracy["test"], "lr": lrs.get("decay"), "lr_gamma": lrs.get("bn_gamma"), "lrs": lrs,
               "images_per_s": stats["images_per_s"], "epoch_seconds": stats["epoch_seconds"]}
     state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
+    failure = None
     if main:
-        layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
+        try:
+            if best:
+                save_best_model(run_dir, run.evaluated.state_dict())
+            layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
+        except Exception as error:  # a full disk comes in several types (checkpoint._attempt); every rank must learn
+            failure = error
+    raise_if_any_failed(run.accelerator, failure, f"the results of epoch {epoch + 1}", run_dir, epoch)
     if run.config.log_with:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "lrs")}
         scalars.update({f"lr/{name}": lr for name, lr in lrs.items()}, **gamma_statistics(run.evaluated))
