@@ -414,17 +414,20 @@ def final_gammas(model: nn.Module) -> dict[str, list[float]]:
 
 def _check_recorded_config(config: Recipe, run_dir: Path) -> None:
     """A resumed run goes on under the recipe it started with (its ``config.yaml``, read back through the recipe's
-    checks; a key added since takes its default); another recipe is refused, never mixed into one run."""
+    checks; a key added since takes its default); another recipe is refused, never mixed into one run. Only the keys
+    declared ``changes_result=False`` (workers, preloading, trackers) may differ: the run then uses the new value."""
     recorded = layout.read_config(run_dir)
     if recorded is None:
         return
     recorded = recipe_from_mapping(recorded, f"in {run_dir / layout.CONFIG_FILE}")
-    changed = [name for name in KEYS if getattr(recorded, name) != getattr(config, name)]
+    changed = [name for name, spec in KEYS.items()
+               if spec.changes_result and getattr(recorded, name) != getattr(config, name)]
     if changed:
         shown = "; ".join(f"{name}: {_as_text(getattr(recorded, name))} there, {_as_text(getattr(config, name))} now"
                           for name in changed)
+        free = ", ".join(name for name, spec in KEYS.items() if not spec.changes_result)
         raise RunError(f"{run_dir} was started with another recipe ({shown}); resume it with the recipe and overrides "
-                       f"its {layout.CONFIG_FILE} records, or start a new run directory")
+                       f"its {layout.CONFIG_FILE} records (only {free} may differ), or start a new run directory")
 
 
 def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
@@ -434,17 +437,18 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
     Args:
         config: A resolved recipe (:func:`timm_bninit.experiment.recipe.load_recipe` plus overrides).
         run_dir: The run directory.
-        resume: Continue from the run directory's checkpoint (a finished run is returned as it is, never re-run).
+        resume: Continue from the run directory's checkpoint (a finished run is returned as it is, never re-run), with
+            the recipe its ``config.yaml`` records.
         quiet: No progress bars (sweeps).
         data_cache_dir: Cache for built data sets (default: ``$TIMM_BNINIT_DATA_CACHE`` or ~/.cache).
     """
     check_config(config)
     run_dir = Path(run_dir)
+    if resume:  # a finished run too: its result is its own recipe's
+        _check_recorded_config(config, run_dir)
     finished = layout.check_new_run_dir(run_dir, resume)
     if finished is not None:
         return finished
-    if resume:
-        _check_recorded_config(config, run_dir)
     accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
