@@ -11,9 +11,11 @@ copied results folder without importing training. A run directory::
     checkpoint/          the state after the last finished epoch, its files listed in its manifest.json
     checkpoint.previous/ the state one epoch earlier, kept in case checkpoint/ is damaged
     checkpoint.new/      only while a checkpoint is written
+    run.lock             only while a process trains the run (checkpoint.py, lock.py)
 
 A sweep directory holds ``sweep.json`` (the planned grid) and one run directory per cell,
-``<method>/lr<lr>/seed<seed>``.
+``<method>/lr<lr>/seed<seed>``; with submitit, ``submitit/`` holds the jobs and ``jobs.json``. ``sweep.lock`` is there
+while a sweep command updates ``sweep.json`` or submits jobs (two commands on one folder take turns).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +39,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "CHECKPOINT_DIR", "CHECKPOINT_PREVIOUS", "CHECKPOINT_NEW", "STATE_FILE",
-    "EMA_FILE", "MANIFEST_FILE", "PLAN_FILE", "SUMMARY_FILE", "SUBMITIT_DIR", "JOBS_FILE",
+    "EMA_FILE", "MANIFEST_FILE", "LOCK_FILE", "PLAN_FILE", "SWEEP_LOCK_FILE", "SUMMARY_FILE", "SUBMITIT_DIR",
+    "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
     "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_config", "read_config", "read_error",
     "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
@@ -56,7 +60,9 @@ CHECKPOINT_NEW = "checkpoint.new"
 STATE_FILE = "trainer_state.json"   # inside checkpoint/: loop counters and the scheduler
 EMA_FILE = "ema.pt"                 # inside checkpoint/
 MANIFEST_FILE = "manifest.json"     # inside checkpoint/, written last: every file's size and SHA-256
+LOCK_FILE = "run.lock"              # the holder of a run directory: host, pid, start
 PLAN_FILE = "sweep.json"
+SWEEP_LOCK_FILE = "sweep.lock"      # held while a sweep command writes sweep.json or reads, submits and records jobs
 SUBMITIT_DIR = "submitit"           # in a sweep: submitit's folders (job scripts, pickles, logs), one per job
 JOBS_FILE = "jobs.json"             # in SUBMITIT_DIR: run directory (relative to the sweep) -> its last Slurm job
 SUMMARY_FILE = "summaries.json"     # a study part's run summaries
@@ -85,7 +91,7 @@ class NotASweepError(BNInitError, FileNotFoundError):
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically: a reader (or a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # two writers: neither's is lost
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
@@ -188,7 +194,7 @@ def check_new_run_dir(run_dir: Path, resume: bool) -> dict[str, Any] | None:
             return final
         raise RunError(f"{run_dir} holds a finished run ({FINAL_FILE}); it is never overwritten. Choose another "
                        f"run directory, or pass --resume to return its result")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and any(path.name != LOCK_FILE for path in run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} holds an unfinished run; pass --resume to continue it from its last checkpoint, "
                        f"or choose another run directory")
     return None

@@ -39,6 +39,7 @@ from .checkpoint import load_checkpoint, raise_if_any_failed, remove_checkpoint,
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms
+from .lock import hold_run_dir
 from .model import build_model
 from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
@@ -431,8 +432,12 @@ def _check_recorded_config(config: Recipe, run_dir: Path) -> None:
 
 
 def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
-                 data_cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                 data_cache_dir: str | os.PathLike | None = None, wait: bool = False) -> dict[str, Any]:
     """Train one configuration into ``run_dir`` and return the contents of its ``final.json``.
+
+    The run holds ``run_dir``'s lock (:mod:`.lock`) from before it reads anything there until it returns: a second
+    process on the same run directory is refused, or waits with ``wait``, and then finds the run finished or goes on
+    from its checkpoint.
 
     Args:
         config: A resolved recipe (:func:`timm_bninit.experiment.recipe.load_recipe` plus overrides).
@@ -441,15 +446,23 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
             the recipe its ``config.yaml`` records.
         quiet: No progress bars (sweeps).
         data_cache_dir: Cache for built data sets (default: ``$TIMM_BNINIT_DATA_CACHE`` or ~/.cache).
+        wait: Wait while another process trains ``run_dir`` instead of raising :class:`.lock.RunDirBusyError`.
     """
     check_config(config)
     run_dir = Path(run_dir)
-    if resume:  # a finished run too: its result is its own recipe's
-        _check_recorded_config(config, run_dir)
-    finished = layout.check_new_run_dir(run_dir, resume)
-    if finished is not None:
-        return finished
     accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
+    with hold_run_dir(accelerator, run_dir, wait=wait, show=accelerator.is_main_process and not quiet):
+        if resume:  # a finished run too: its result is its own recipe's
+            _check_recorded_config(config, run_dir)
+        finished = layout.check_new_run_dir(run_dir, resume)  # under the lock: no other process can finish it now
+        if finished is not None:
+            return finished
+        return _train(config, accelerator, run_dir, resume, quiet, data_cache_dir)
+
+
+def _train(config: Recipe, accelerator: Any, run_dir: Path, resume: bool, quiet: bool,
+           data_cache_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Start or resume the run in ``run_dir`` (whose lock this process holds) and train it to its end."""
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
     state = _start_or_resume(run, run_dir, resume, show)
