@@ -170,7 +170,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_is_one_line(whole, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: could not write the checkpoint of epoch 2 in {run_dir} (OSError: [Errno 28] No space left "
                    f"on device); its checkpoint of epoch 1 is intact: free space or fix the disk, then resume with "
-                   f"--resume --run-dir {run_dir} (a sweep: run the same command again)"]
+                   f"--resume --run-dir {run_dir} (a sweep: run it again with --retry-failed)"]
     assert checkpoint_problem(run_dir / "checkpoint") is None
     assert json.loads((run_dir / "checkpoint" / "manifest.json").read_text())["epoch"] == 1
     assert not (run_dir / "checkpoint.new").exists() and not (run_dir / "run.lock").exists()

@@ -129,7 +129,7 @@ def raise_if_any_failed(accelerator: Any, error: BaseException | None, what: str
     if not reasons:
         return
     kept = (f"its checkpoint of epoch {kept_epoch} is intact: free space or fix the disk, then resume with --resume "
-            f"--run-dir {run_dir} (a sweep: run the same command again)" if kept_epoch else
+            f"--run-dir {run_dir} (a sweep: run it again with --retry-failed)" if kept_epoch else
             "it had no checkpoint yet: once the disk is fixed, --resume starts it again from its first epoch")
     reason = " ".join(reasons[0].split())  # one line, whatever the writer said
     raise CheckpointError(f"could not write {what} in {run_dir} ({reason}); {kept}")

@@ -90,6 +90,8 @@ def _lock(path: Path, wait: bool) -> int | None:
             raise RunDirBusyError(f"{path.parent} is held by {describe_holder(holder)}", holder) from None
         except OSError as error:
             os.close(descriptor)
+            if error.errno == errno.ESTALE:  # NFS: the holder removed the file as it let go
+                continue
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             warnings.warn(f"{path.parent}: the file system refuses locks ({error.strerror}); nothing keeps a second "
@@ -100,8 +102,10 @@ def _lock(path: Path, wait: bool) -> int | None:
             current = os.stat(path)
             if (here.st_dev, here.st_ino) == (current.st_dev, current.st_ino):
                 return descriptor
-        except FileNotFoundError:
-            pass
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ESTALE):
+                os.close(descriptor)
+                raise
         os.close(descriptor)  # the holder removed the file as it let go: lock the file now at that path
 
 
