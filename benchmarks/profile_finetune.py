@@ -55,7 +55,7 @@ def main() -> int:
     timings["import the project's CLI (accelerate, datasets, report, sweep, ...)"].append(time.perf_counter() - start)
 
     for name in ("load_image_dataset", "make_accelerator", "build_model", "build_transforms", "build_loaders",
-                 "build_optimizer", "build_scheduler", "validate", "evaluate", "save_checkpoint", "save_file",
+                 "build_optimizer", "build_scheduler", "validate", "evaluate", "save_checkpoint", "save_best_model",
                  "train_one_epoch", "_final_result"):
         if hasattr(train, name):
             timed(train, name)

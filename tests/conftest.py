@@ -57,3 +57,30 @@ def restore_registries():
 
     yield restore
     restore()
+
+
+class StoppedRun(Exception):
+    """Raised by :func:`stop_after` where a kill would have stopped a run."""
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """``stop_after(n)``: runs in this process then stop (raising StoppedRun) before training epoch n + 1, as a kill
+    once epoch n's checkpoint is written would; ``stop_after(None)`` lets them run to the end again.
+
+    In-process, a stopped run lets go of its run directory as a killed process's kernel would (tests/test_lock.py
+    kills real processes).
+    """
+    from timm_bninit.experiment import train
+
+    train_one_epoch = train.train_one_epoch
+
+    def stop(epochs):
+        def maybe_stop(run, epoch, *args, **kwargs):
+            if epochs is not None and epoch >= epochs:
+                raise StoppedRun(f"stopped after epoch {epochs}")
+            return train_one_epoch(run, epoch, *args, **kwargs)
+
+        monkeypatch.setattr(train, "train_one_epoch", maybe_stop)
+
+    return stop

@@ -120,10 +120,22 @@ def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp
     subprocess.run(["pkill", "-9", "-f", str(tmp_path / "killed")], check=False)  # the launcher's workers too
     time.sleep(1)
     assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
-    # every rank's random state is in the checkpoint (save_state has no barrier of its own)
+    # every rank's random state is in the checkpoint (save_state has no barrier of its own), and in its manifest
     assert {p.name for p in (tmp_path / "killed" / "checkpoint").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
-    _run(recipe, tmp_path / "killed", *changes, "--resume", processes=2)
+    manifest = json.loads((tmp_path / "killed" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(manifest["files"])
+    # resumed and killed again, then rank 1's random state is lost from the newest checkpoint: the second resume
+    # goes on from the previous one
+    resumed = _launch(recipe, tmp_path / "killed", *changes, "--resume", processes=2)
+    kill_after_checkpoint(resumed, tmp_path / "killed", epoch=4, timeout=300)
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path / "killed")], check=False)
+    time.sleep(1)
+    assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
+    saved = json.loads((tmp_path / "killed" / "checkpoint" / "manifest.json").read_text())["epoch"]
+    (tmp_path / "killed" / "checkpoint" / "random_states_1.pkl").unlink()
+    log = _run(recipe, tmp_path / "killed", *changes, "--resume", processes=2)
+    assert log.count(f"resuming from checkpoint.previous (epoch {saved - 1})") == 1, log  # said once, by rank 0
     whole, got = (json.loads((tmp_path / d / "final.json").read_text()) for d in ("whole", "killed"))
     for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "num_updates"):
         assert got[key] == whole[key], key

@@ -1,6 +1,7 @@
 """Recipes: loading, overrides read as the type their key expects, and every bad value refused in one line."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,15 @@ def test_list_keys_prints_every_declared_key_from_its_declaration(capsys):
         shown = line.split(" = ", 1)[1].split("    accepts ")[0]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         assert getattr(apply_overrides(Recipe(), [f"{f.name}={shown}"]), f.name) == default, line
+        assert line.endswith("    (may differ on --resume)") is (not f.metadata["changes_result"]), line
+
+
+def test_the_keys_free_on_resume_are_declared_once_and_listed_in_the_guide():
+    free = [name for name, spec in KEYS.items() if not spec.changes_result]
+    assert free == ["preload", "num_workers", "log_with"]  # each with the reason it changes no number, in recipe.py
+    guide = (ROOT / "docs" / "guide" / "finetuning.md").read_text()
+    listed = re.search(r"\*\*free on resume: (.*?)\*\*", guide, re.S).group(1)
+    assert re.findall(r"`(\w+)`", listed) == free
 
 
 def test_cars_steps_the_lr_where_its_baseline_does():

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import pytest
 import yaml
 from fake_datasets import make_imagefolder
 
-from timm_bninit.experiment.sweep import SlurmError, _slurm_parameters
+from timm_bninit.experiment import sweep
+from timm_bninit.experiment.sweep import SlurmError, _slurm_parameters, plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS_FILE = Path("submitit") / "jobs.json"  # the sweep's record of which Slurm job ran which run directory
@@ -180,3 +182,41 @@ def test_slurm_sweep_cancelled_resumed_equals_local(slurm_cluster, tmp_path):
     for run in slurm_results:
         by_slurm, by_local = _metrics(out / run), _metrics(local / run)
         assert [(m["val_acc"], m["test_acc"]) for m in by_slurm] == [(m["val_acc"], m["test_acc"]) for m in by_local]
+
+
+def test_two_sweep_commands_on_one_folder_submit_each_run_once(tmp_path, monkeypatch):
+    # a fake cluster without GPUs whose sbatch takes a second to answer (the window in which a second shell's sweep
+    # command would read jobs.json before the first had recorded its jobs) and whose squeue lists every array task
+    bin_dir, state = tmp_path / "bin", tmp_path / "cluster"
+    bin_dir.mkdir()
+    state.mkdir()
+    scripts = {
+        "sbatch": f'sleep 1\necho "$*" >> {state}/sbatch\nn=$(wc -l < {state}/sbatch)\n'
+                  'echo "Submitted batch job $((1000 + n))"\n',
+        "squeue": f'n=$(cat {state}/sbatch 2>/dev/null | wc -l)\nfor i in $(seq 1 "$n"); do for t in 0 1 2 3; do '
+                  'echo "$((1000 + i))_$t"; done; done\n',
+        "sinfo": 'echo "cpu* (null)"\n', "srun": "exit 0\n"}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sweep, "_wait_for_slurm_jobs", lambda jobs, log: None)  # nothing runs on this cluster
+
+    make_imagefolder(tmp_path / "data", counts={"train": 12, "test": 4})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"dataset": "imagefolder", "data_dir": str(tmp_path / "data"),
+                                      "model": "test_resnet", "img_size": 16}))
+    out = tmp_path / "sweep"
+    specs = plan_sweep(str(recipe), "base,bn_gamma01", [0.05], [1, 2], out)
+    logs: list[list[str]] = [[], []]
+    shells = [threading.Thread(target=sweep._run_slurm, args=(specs, out, 1, None, {}, log.append)) for log in logs]
+    for shell in shells:
+        shell.start()
+    for shell in shells:
+        shell.join(timeout=120)
+    assert len((state / "sbatch").read_text().splitlines()) == 1  # one job array, from one of the two commands
+    assert _jobs(out) == {os.path.relpath(spec.run_dir, out): f"1001_{task}" for task, spec in enumerate(specs)}
+    submitter, waiter = sorted(logs, key=lambda log: "submitted" not in log[-1])
+    assert submitter == ["submitted 4 runs to Slurm as job 1001 (an array) (logs in " f"{out / 'submitit'})"]
+    assert len(waiter) == 4 and all("from an earlier sweep command is still queued or running; waiting for it" in line
+                                    for line in waiter)

@@ -15,7 +15,7 @@ import yaml
 from fake_datasets import make_imagefolder
 from scipy import stats
 
-from timm_bninit.experiment.cli import compare_main
+from timm_bninit.experiment.cli import compare_main, finetune_main
 from timm_bninit.experiment.recipe import RecipeError
 from timm_bninit.experiment.report import IncompleteSweepError, load_sweep, summarise
 from timm_bninit.experiment.sweep import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
@@ -148,3 +148,46 @@ def test_submitit_local_executor_runs_the_same_path(tiny_recipe, tmp_path):
     assert len(status["finished"]) == 1
     assert (tmp_path / "out" / "submitit").is_dir()
     assert sweep_status(specs)["finished"] == status["finished"]
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_one_folder_train_every_run_once(tiny_recipe, tmp_path):
+    grid = ["run", "--recipe", str(tiny_recipe), "--methods", "base", "--seeds", "1-2", "--set", "epochs=1",
+            "--data-cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "S"
+    both = [_launch([*grid, "--out", str(out)], tmp_path / f"{name}.log") for name in ("first", "second")]
+    for process, name in zip(both, ("first", "second")):
+        assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()
+    for seed in (1, 2):  # trained once: a second trainer would have appended a second line
+        assert len((out / "base" / "lr0.05" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()) == 1
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("first", "second")]
+    assert all("2 of 2 runs finished" in log for log in logs), logs
+    assert not list(out.rglob("*.lock"))
+
+    single = _launch([*grid, "--out", str(tmp_path / "single")], tmp_path / "single.log")
+    assert single.wait(timeout=600) == 0, (tmp_path / "single.log").read_text()
+    for folder in (out, tmp_path / "single"):
+        assert compare_main(["report", str(folder), "--no-plots"]) == 0
+    for name in ("report.md", "report.csv"):
+        assert (out / "report" / name).read_text() == (tmp_path / "single" / "report" / name).read_text(), name
+
+
+@pytest.mark.slow
+def test_a_run_started_by_hand_inside_a_running_sweep_is_refused(tiny_recipe, tmp_path, capsys):
+    grid = ["--recipe", str(tiny_recipe), "--set", "epochs=500", "--data-cache-dir", str(tmp_path / "cache")]
+    sweep = _launch(["run", *grid, "--methods", "base", "--seeds", "1", "--out", str(tmp_path / "S")],
+                    tmp_path / "sweep.log")
+    run_dir = tmp_path / "S" / "base" / "lr0.05" / "seed1"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():  # training, its lock held
+        time.sleep(0.05)
+    try:
+        code = finetune_main([*grid, "--set", "norm_layer=null", "--set", "lr=0.05", "--set", "seed=1",
+                              "--run-dir", str(run_dir), "--resume", "--quiet"])
+        assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()  # still running: the refusal was the lock's
+    finally:
+        sweep.kill()
+        sweep.wait(timeout=60)
+    assert code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run_dir} is being trained by pid {sweep.pid} on host "), err

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import StoppedRun
 from fake_datasets import kill_after_checkpoint, make_imagefolder, tiny_config
 from timm.data import create_transform
 
@@ -112,6 +113,33 @@ def test_a_resume_reads_the_run_config_back_and_refuses_another_recipe(tiny_data
     assert final["epochs"] == 1 and yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
 
 
+def test_a_resume_that_would_change_the_experiment_is_refused_naming_each_key(tiny_data, tmp_path, stop_after, capsys):
+    # the case: a run stopped after its first checkpoint, then --resume --set lr=0.5
+    config = tiny_config(tiny_data, tmp_path, epochs=2)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
+    run_dir = tmp_path / "run"
+    command = ["--recipe", str(recipe), "--run-dir", str(run_dir), "--resume", "--quiet",
+               "--data-cache-dir", str(tmp_path / "cache")]
+    stop_after(1)
+    with pytest.raises(StoppedRun):
+        finetune_main(command[:4] + command[5:])
+    stop_after(None)
+    capsys.readouterr()
+    free = "preload, num_workers, log_with"
+    assert finetune_main([*command, "--set", "lr=0.5", "--set", "epochs=3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {run_dir} was started with another recipe (lr: 0.05 there, 0.5 now; epochs: 2 there, 3 now); resume "
+        f"it with the recipe and overrides its config.yaml records (only {free} may differ), or start a new run "
+        f"directory"]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1]  # refused before anything was touched
+    # what cannot change the numbers may change (tests below: workers and preloading give the same run)
+    assert finetune_main([*command, "--set", "num_workers=1", "--set", "preload=true"]) == 0
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1, 2]
+    assert finetune_main([*command, "--set", "lr=0.5"]) == 2  # a finished run's result is its own recipe's
+    assert "lr: 0.05 there, 0.5 now" in capsys.readouterr().err
+
+
 def test_errors_come_before_any_training(tiny_data, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert finetune_main(["--recipe", "demo", "--set", "model=resnet5O", "--run-dir", str(tmp_path / "a"),
@@ -177,8 +205,17 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     kill_after_checkpoint(killed, tmp_path / "killed", epoch=2, timeout=240)
     assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
 
+    # resumed, killed again, and its newest checkpoint then damaged (the truncated weights): the second resume
+    # goes on from the previous checkpoint
+    resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
+    kill_after_checkpoint(resumed, tmp_path / "killed", epoch=4, timeout=240)
+    assert not (tmp_path / "killed" / "final.json").exists(), "the run finished before it could be killed"
+    saved = json.loads((tmp_path / "killed" / "checkpoint" / "manifest.json").read_text())["epoch"]
+    weights = tmp_path / "killed" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     resumed = _launch(recipe, tmp_path / "killed", cache, "--resume")
     assert resumed.wait(timeout=300) == 0, _log(tmp_path / "killed", resumed=True)
+    assert f"resuming from checkpoint.previous (epoch {saved - 1})" in _log(tmp_path / "killed", resumed=True)
     expected = json.loads((tmp_path / "whole" / "final.json").read_text())
     got = json.loads((tmp_path / "killed" / "final.json").read_text())
     for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):
@@ -324,14 +361,17 @@ def test_evaluation_workers_start_before_training(tiny_data, tmp_path):
             assert run.loaders.calibration._iterator is None  # never iterated without precise BN: never started
 
 
-def test_a_run_with_workers_equals_the_run_without(tiny_data, tmp_path):
+def test_a_run_with_workers_or_preloading_equals_the_run_without(tiny_data, tmp_path):
+    # what lets a resume change num_workers and preload (recipe keys declared changes_result=False)
     config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", augmentation="rrc", epochs=3)  # precise BN on
-    results = {workers: run_finetune(replace(config, num_workers=workers), tmp_path / f"w{workers}", quiet=True,
-                                     data_cache_dir=tmp_path / "cache") for workers in (0, 2)}
-    for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):
-        assert results[0][key] == results[2][key], key
-    losses = {workers: [m["train_loss"] for m in read_metrics(tmp_path / f"w{workers}")] for workers in (0, 2)}
-    assert len(losses[0]) == 3 and losses[0] == losses[2]
+    variants = {"w0": {"num_workers": 0}, "w2": {"num_workers": 2}, "preload": {"num_workers": 0, "preload": True}}
+    results = {name: run_finetune(replace(config, **changes), tmp_path / name, quiet=True,
+                                  data_cache_dir=tmp_path / "cache") for name, changes in variants.items()}
+    for name in ("w2", "preload"):
+        for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last"):
+            assert results["w0"][key] == results[name][key], (name, key)
+    losses = {name: [m["train_loss"] for m in read_metrics(tmp_path / name)] for name in variants}
+    assert len(losses["w0"]) == 3 and losses["w0"] == losses["w2"] == losses["preload"]
 
 
 def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_rounding(tiny_data, tmp_path):

@@ -12,10 +12,14 @@ copied results folder without importing training. A run directory::
                          the evaluated weights (the EMA's, with one) of the best-validation and of the last epoch
     model_info.json      what the weights need to be used: class names, the evaluation's data config
     final_gammas.json, load_report.json
-    checkpoint/          the state after the last finished epoch (checkpoint.new/.old only during a swap)
+    checkpoint/          the state after the last finished epoch, its files listed in its manifest.json
+    checkpoint.previous/ the state one epoch earlier, kept in case checkpoint/ is damaged
+    checkpoint.new/      only while a checkpoint is written
+    run.lock             only while a process trains the run (checkpoint.py, lock.py)
 
 A sweep directory holds ``sweep.json`` (the planned grid) and one run directory per cell,
-``<method>/lr<lr>/seed<seed>``.
+``<method>/lr<lr>/seed<seed>``; with submitit, ``submitit/`` holds the jobs and ``jobs.json``. ``sweep.lock`` is there
+while a sweep command updates ``sweep.json`` or submits jobs (two commands on one folder take turns).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +44,9 @@ __all__ = [
     "RunError", "NotASweepError", "CONFIG_FILE", "METRICS_FILE", "FINAL_FILE", "ERROR_FILE", "GAMMAS_FILE",
     "INITIAL_GAMMAS_FILE", "METRICS_KEYS", "read_initial_gammas", "write_initial_gammas",
     "LOAD_REPORT_FILE", "BEST_MODEL_FILE", "LAST_MODEL_FILE", "MODEL_INFO_FILE",
-    "CHECKPOINT_DIR", "STATE_FILE", "EMA_FILE", "PLAN_FILE", "SUMMARY_FILE",
-    "SUBMITIT_DIR", "JOBS_FILE",
+    "CHECKPOINT_DIR", "CHECKPOINT_PREVIOUS", "CHECKPOINT_NEW", "STATE_FILE",
+    "EMA_FILE", "MANIFEST_FILE", "LOCK_FILE", "PLAN_FILE", "SWEEP_LOCK_FILE", "SUMMARY_FILE", "SUBMITIT_DIR",
+    "JOBS_FILE",
     "STUDY_FILE", "FINAL_KEYS", "RESULT_METRICS", "write_json", "read_json", "run_status", "read_final", "write_final",
     "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_model_info",
     "read_model_info", "write_config", "read_config", "read_error",
@@ -59,9 +65,14 @@ BEST_MODEL_FILE = "best_model.safetensors"
 LAST_MODEL_FILE = "last_model.safetensors"
 MODEL_INFO_FILE = "model_info.json"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_PREVIOUS = "checkpoint.previous"
+CHECKPOINT_NEW = "checkpoint.new"
 STATE_FILE = "trainer_state.json"   # inside checkpoint/: loop counters and the scheduler
 EMA_FILE = "ema.pt"                 # inside checkpoint/
+MANIFEST_FILE = "manifest.json"     # inside checkpoint/, written last: every file's size and SHA-256
+LOCK_FILE = "run.lock"              # the holder of a run directory: host, pid, start
 PLAN_FILE = "sweep.json"
+SWEEP_LOCK_FILE = "sweep.lock"      # held while a sweep command writes sweep.json or reads, submits and records jobs
 SUBMITIT_DIR = "submitit"           # in a sweep: submitit's folders (job scripts, pickles, logs), one per job
 JOBS_FILE = "jobs.json"             # in SUBMITIT_DIR: run directory (relative to the sweep) -> its last Slurm job
 SUMMARY_FILE = "summaries.json"     # a study part's run summaries
@@ -94,7 +105,7 @@ class NotASweepError(BNInitError, FileNotFoundError):
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically: a reader (or a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # two writers: neither's is lost
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
@@ -153,10 +164,21 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_metrics(run_dir: Path, epochs: int) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint (epoch > ``epochs``)."""
-    kept = [json.dumps(record) for record in read_metrics(run_dir) if record["epoch"] <= epochs]
-    if (run_dir / METRICS_FILE).is_file():
-        (run_dir / METRICS_FILE).write_text("".join(line + "\n" for line in kept))
+    """Drop the lines a killed run wrote after the checkpoint it resumes from (epoch > ``epochs``); atomically, so a
+    second kill cannot cost the lines kept."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:  # a line a kill cut short: its epoch is trained again
+            lines.pop()
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_gammas(run_dir: str | os.PathLike) -> dict[str, list[float]]:
@@ -212,7 +234,7 @@ def check_new_run_dir(run_dir: Path, resume: bool) -> dict[str, Any] | None:
             return final
         raise RunError(f"{run_dir} holds a finished run ({FINAL_FILE}); it is never overwritten. Choose another "
                        f"run directory, or pass --resume to return its result")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and any(path.name != LOCK_FILE for path in run_dir.iterdir()) and not resume:
         raise RunError(f"{run_dir} holds an unfinished run; pass --resume to continue it from its last checkpoint, "
                        f"or choose another run directory")
     return None

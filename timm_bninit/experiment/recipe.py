@@ -72,8 +72,12 @@ def named(words: str) -> Check:
 GROUPS = ("data", "model", "optimisation", "images", "evaluation", "runs")  # the order --list-keys prints them in
 
 
-def key(default: Any, *, group: str, help: str, check: Check = ANY) -> Any:
+def key(default: Any, *, group: str, help: str, check: Check = ANY, changes_result: bool = True) -> Any:
     """Declare a recipe key: a :class:`Recipe` field whose default, range check, help and group travel with it.
+
+    ``changes_result=False`` declares that no value of the key changes a run's numbers (how many workers load the
+    data, where metrics are copied to), so a ``--resume`` may give it another value than the run started with; a
+    resume that changes any other key is refused. Declare it only with a test that shows the numbers stay the same.
 
     Example::
 
@@ -81,7 +85,7 @@ def key(default: Any, *, group: str, help: str, check: Check = ANY) -> Any:
     """
     if group not in GROUPS:
         raise RecipeError(f"recipe key group {group!r} is not one of {', '.join(GROUPS)}")
-    metadata = {"group": group, "help": help, "check": check}
+    metadata = {"group": group, "help": help, "check": check, "changes_result": changes_result}
     if isinstance(default, list):  # a mutable default: each recipe gets its own copy
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -138,7 +142,7 @@ class Recipe:
     classes: list[int] | None = key(None, group="data",
                                     check=Check(_class_list, "a list of ≥ 2 distinct class indices ≥ 0"),
                                     help="keep only these class indices (relabelled 0..k-1 in this order); null: all")
-    preload: bool = key(False, group="data",
+    preload: bool = key(False, group="data", changes_result=False,  # tests/test_train.py: the same numbers
                         help="decode every image once per process and keep it in memory (small data sets)")
     val_fraction: float = key(0.1, group="data", check=FRACTION,
                               help="stratified fraction of train held out for model selection")
@@ -148,7 +152,8 @@ class Recipe:
     train_per_class: int | None = key(None, group="data", check=AT_LEAST_1,
                                       help="keep the first k train images of each class (order drawn with "
                                            "split_seed), after the validation split, which stays as it is; null: all")
-    num_workers: int = key(2, group="data", check=NONNEG, help="DataLoader worker processes")
+    num_workers: int = key(2, group="data", check=NONNEG, changes_result=False,  # augmentation: f(seed, epoch, index)
+                           help="DataLoader worker processes")
     # model
     model: str = key("resnet18", group="model", check=named("a timm model name"), help="a timm model name")
     pretrained: bool | str = key(False, group="model",
@@ -232,6 +237,7 @@ class Recipe:
     sync_bn: bool = key(False, group="runs",
                         help="with several processes: batch statistics of every norm layer over all of them")
     log_with: str | None = key(None, group="runs", check=one_of("tensorboard", "wandb", "mlflow", "all"),
+                               changes_result=False,  # a copy of what metrics.jsonl records
                                help="also hand metrics to accelerate's trackers: tensorboard | wandb | mlflow | all")
     imports: list[str] = key([], group="runs",
                              check=Check(lambda v: all(isinstance(m, str) and m.strip() for m in v),
@@ -257,6 +263,7 @@ class RecipeKey(NamedTuple):
     check: Check
     help: str
     group: str
+    changes_result: bool  # False: a resume may give it another value (key's changes_result)
 
 
 def _kind(annotation: Any) -> str:
@@ -269,7 +276,8 @@ def _declared_keys() -> dict[str, RecipeKey]:
     hints = typing.get_type_hints(Recipe)
     return {f.name: RecipeKey(f.name, str(f.type), _kind(hints[f.name]),
                               f.default_factory() if f.default is dataclasses.MISSING else f.default,
-                              f.metadata["check"], f.metadata["help"], f.metadata["group"])
+                              f.metadata["check"], f.metadata["help"], f.metadata["group"],
+                              f.metadata.get("changes_result", True))
             for f in dataclasses.fields(Recipe) if "group" in f.metadata}
 
 
@@ -358,7 +366,8 @@ def keys_text() -> str:
         lines.append(f"{group}:")
         for spec in (s for s in KEYS.values() if s.group == group):
             lines.append(f"  {spec.name}: {spec.annotation} = {_text(spec.default)}    accepts "
-                         f"{_describe(spec.kind, spec.check.words)}")
+                         f"{_describe(spec.kind, spec.check.words)}"
+                         + ("" if spec.changes_result else "    (may differ on --resume)"))
             lines += textwrap.wrap(spec.help, width=116, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 

@@ -126,7 +126,7 @@ def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: st
             pretrain_dir = out / f"{name}_pretrain"
             log(f"[{name}] pretraining {part['pretrain']} into {pretrain_dir}")
             run_finetune(load_recipe(part["pretrain"]), pretrain_dir, resume=True, quiet=True,
-                         data_cache_dir=data_cache_dir)
+                         data_cache_dir=data_cache_dir, wait=True)  # another study command's: waited for, as a sweep
             overrides.append(f"pretrained_file={pretrain_dir / layout.BEST_MODEL_FILE}")
         specs = plan_sweep(part["recipe"], part["methods"], part["lr"], seeds, out / name, overrides)
         log(f"[{name}] {len(part['methods'])} methods × {len(part['lr'])} lr × {len(seeds)} seeds")

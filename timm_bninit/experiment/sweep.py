@@ -30,6 +30,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from ..errors import BNInitError
 from ..registry import resolve_norm_layer
 from . import layout
+from .lock import RunDirBusyError, describe_holder, exclusive
 from .recipe import Recipe, RecipeError, apply_overrides, check_config, import_user_modules, load_recipe
 from .train import run_finetune
 
@@ -119,13 +120,20 @@ def sweep_status(specs: Sequence[RunSpec]) -> dict[str, list[RunSpec]]:
     return status
 
 
-def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep."""
+def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | None = None,
+            wait: bool = True) -> dict[str, Any]:
+    """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep.
+
+    A cell another process is training (another sweep command, a run started by hand) is waited for, or with ``wait``
+    false left to it: ``{"status": "elsewhere", "holder": ...}``. Either way this process never trains it meanwhile.
+    """
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
     try:  # in whichever process runs it (a spawned worker, a submitit or Slurm job): check_config imports `imports`
-        final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir)
+        final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir, wait=wait)
+    except RunDirBusyError as error:  # not this process's run: nothing of it is touched
+        return {"status": "elsewhere", "run_dir": str(run_dir), "holder": describe_holder(error.holder)}
     except Exception as error:  # a sweep records the failure and goes on
         layout.write_error(run_dir, {"method": spec.method, "lr": spec.lr, "seed": spec.seed,
                                      "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
@@ -141,7 +149,8 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int
     submitit (``submitit-local`` on this machine, ``slurm`` on a cluster). Returns the final status."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_plan(out, specs)
+    with exclusive(out / layout.SWEEP_LOCK_FILE, wait=True):  # another sweep command's grid is merged, not lost
+        _write_plan(out, specs)
     status = sweep_status(specs)
     todo = status["interrupted"] + status["pending"] + (status["failed"] if retry_failed else [])
     log(f"{len(specs)} runs: {len(status['finished'])} finished, {len(status['interrupted'])} to resume, "
@@ -155,20 +164,40 @@ def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int
         return sweep_status(specs)
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(parallel, 1))
-    if executor == "local" and parallel <= 1:
-        for spec in todo:
-            log(_describe(spec, run_one(spec, data_cache_dir)))
-    elif executor == "local":
-        # one process per run: isolates failures and keeps each run's threads to its share of the cores
-        with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_one, spec, data_cache_dir, threads): spec for spec in todo}
-            for future in as_completed(futures):
-                log(_describe(futures[future], future.result()))
+    if executor == "local":
+        # first the runs no other process trains, then wait for the others (another sweep command on this folder):
+        # each is then finished, or resumed here if its trainer stopped before the end
+        elsewhere = _run_local(todo, parallel, threads, data_cache_dir, log, wait=False)
+        if elsewhere:
+            log(f"waiting for {len(elsewhere)} run{'s' if len(elsewhere) > 1 else ''} that another process trains")
+            _run_local(elsewhere, parallel, threads, data_cache_dir, log, wait=True)
     elif executor in ("submitit-local", "slurm"):
         _run_submitit(todo, out, executor, parallel, threads, data_cache_dir, slurm or {}, log)
     else:
         raise RecipeError(f"unknown executor {executor!r}; choose local, submitit-local or slurm")
     return sweep_status(specs)
+
+
+def _run_local(todo: Sequence[RunSpec], parallel: int, threads: int, data_cache_dir: str | None, log,
+               wait: bool) -> list[RunSpec]:
+    """Run ``todo`` here, one at a time or ``parallel`` side by side; returns those another process was training."""
+    elsewhere = []
+
+    def report(spec: RunSpec, result: dict[str, Any]) -> None:
+        log(_describe(spec, result))
+        if result["status"] == "elsewhere":
+            elsewhere.append(spec)
+
+    if parallel <= 1:
+        for spec in todo:
+            report(spec, run_one(spec, data_cache_dir, wait=wait))
+        return elsewhere
+    # one process per run: isolates failures and keeps each run's threads to its share of the cores
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, spec, data_cache_dir, threads, wait): spec for spec in todo}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
+    return elsewhere
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,6 +234,18 @@ def _run_slurm(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir
                slurm: dict[str, Any], log) -> None:
     """Submit the runs as one job array and wait for it; ``<out>/submitit/jobs.json`` records which job ran which
     run directory."""
+    (out / SUBMITIT_DIR).mkdir(parents=True, exist_ok=True)
+    # jobs.json is read, the missing jobs submitted and recorded under one lock: a sweep command started meanwhile on
+    # this folder (another shell) then finds them recorded and waits for them instead of submitting them again
+    with exclusive(out / layout.SWEEP_LOCK_FILE, wait=True):
+        jobs = _submit_slurm_jobs([spec for spec in todo if layout.run_status(spec.run_dir) != "finished"], out,
+                                  parallel, data_cache_dir, slurm, log)
+    _wait_for_slurm_jobs(jobs, log)
+
+
+def _submit_slurm_jobs(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir: str | None,
+                       slurm: dict[str, Any], log) -> list[tuple[RunSpec, Any]]:
+    """(under the jobs lock) The job of every run in ``todo``: still queued from an earlier command, or submitted."""
     folder = out / SUBMITIT_DIR / "%j"
     # a job an earlier sweep command submitted (that command was killed, the job went on) is waited for, not
     # submitted again: two jobs on one run directory would race on its checkpoint
@@ -233,7 +274,7 @@ def _run_slurm(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir
         log(f"submitted {len(submitted)} run{'s' if len(submitted) > 1 else ''} to Slurm as job "
             f"{submitted[0][1].job_id.split('_')[0]}{' (an array)' if len(submitted) > 1 else ''} "
             f"(logs in {out / SUBMITIT_DIR})")
-    _wait_for_slurm_jobs(jobs, log)
+    return jobs
 
 
 def _run_one_in_slurm_job(spec: RunSpec, data_cache_dir: str | None) -> dict[str, Any]:
@@ -340,6 +381,8 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
     head = f"{spec.method} lr={spec.lr:g} seed={spec.seed}"
     if result["status"] == "finished":
         return f"{head}: test {result['test_acc']:.2f}%"
+    if result["status"] == "elsewhere":
+        return f"{head}: being trained by {result['holder']}; left to it"
     return f"{head}: FAILED {result['error']} (see {result['run_dir']}/{layout.ERROR_FILE})"
 
 

@@ -44,10 +44,11 @@ from .analysis import (
     gamma_change,
     gamma_statistics,
 )
-from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, raise_if_any_failed, remove_checkpoint, save_best_model, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
 from .loaders import Loaders, build_loaders, build_transforms, eval_data_config
+from .lock import hold_run_dir
 from .model import build_model
 from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
@@ -382,18 +383,24 @@ def _record_epoch(run: Run, run_dir: Path, epoch: int, state: dict[str, Any], st
     accuracy = {name: result.accuracy for name, result in evaluations.items()}
     loss = {name: result.loss for name, result in evaluations.items()}
     val = accuracy.get("validation", accuracy["test"])  # no validation split: select on test, said in final
-    if val > state["best_val"]:
+    best = val > state["best_val"]
+    if best:
         state.update(best_val=val, best_epoch=epoch + 1, test_at_best=accuracy["test"])
-        if main:
-            save_evaluated(run, run_dir / layout.BEST_MODEL_FILE)
     lrs = stats["lrs"]
     record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_acc": accuracy.get("validation"),
               "test_acc": accuracy["test"], "val_loss": loss.get("validation"), "test_loss": loss["test"],
               "lr": lrs.get("decay"), "lr_gamma": lrs.get("bn_gamma"), "lrs": lrs,
               "images_per_s": stats["images_per_s"], "epoch_seconds": stats["epoch_seconds"]}
     state.update(epoch=epoch + 1, last_val=accuracy.get("validation"), last_test=accuracy["test"])
+    failure = None
     if main:
-        layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
+        try:
+            if best:
+                save_best_model(run_dir, run.evaluated.state_dict())
+            layout.append_metrics(run_dir, record)  # the source of truth; trackers get a copy
+        except Exception as error:  # a full disk comes in several types (checkpoint._attempt); every rank must learn
+            failure = error
+    raise_if_any_failed(run.accelerator, failure, f"the results of epoch {epoch + 1}", run_dir, epoch)
     if run.config.log_with:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "lrs")}
         scalars.update({f"lr/{name}": lr for name, lr in lrs.items()}, **gamma_statistics(run.evaluated))
@@ -462,38 +469,54 @@ def gamma_values(model: nn.Module) -> dict[str, list[float]]:
 
 def _check_recorded_config(config: Recipe, run_dir: Path) -> None:
     """A resumed run goes on under the recipe it started with (its ``config.yaml``, read back through the recipe's
-    checks; a key added since takes its default); another recipe is refused, never mixed into one run."""
+    checks; a key added since takes its default); another recipe is refused, never mixed into one run. Only the keys
+    declared ``changes_result=False`` (workers, preloading, trackers) may differ: the run then uses the new value."""
     recorded = layout.read_config(run_dir)
     if recorded is None:
         return
     recorded = recipe_from_mapping(recorded, f"in {run_dir / layout.CONFIG_FILE}")
-    changed = [name for name in KEYS if getattr(recorded, name) != getattr(config, name)]
+    changed = [name for name, spec in KEYS.items()
+               if spec.changes_result and getattr(recorded, name) != getattr(config, name)]
     if changed:
         shown = "; ".join(f"{name}: {_as_text(getattr(recorded, name))} there, {_as_text(getattr(config, name))} now"
                           for name in changed)
+        free = ", ".join(name for name, spec in KEYS.items() if not spec.changes_result)
         raise RunError(f"{run_dir} was started with another recipe ({shown}); resume it with the recipe and overrides "
-                       f"its {layout.CONFIG_FILE} records, or start a new run directory")
+                       f"its {layout.CONFIG_FILE} records (only {free} may differ), or start a new run directory")
 
 
 def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False,
-                 data_cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                 data_cache_dir: str | os.PathLike | None = None, wait: bool = False) -> dict[str, Any]:
     """Train one configuration into ``run_dir`` and return the contents of its ``final.json``.
+
+    The run holds ``run_dir``'s lock (:mod:`.lock`) from before it reads anything there until it returns: a second
+    process on the same run directory is refused, or waits with ``wait``, and then finds the run finished or goes on
+    from its checkpoint.
 
     Args:
         config: A resolved recipe (:func:`timm_bninit.experiment.recipe.load_recipe` plus overrides).
         run_dir: The run directory.
-        resume: Continue from the run directory's checkpoint (a finished run is returned as it is, never re-run).
+        resume: Continue from the run directory's checkpoint (a finished run is returned as it is, never re-run), with
+            the recipe its ``config.yaml`` records.
         quiet: No progress bars (sweeps).
         data_cache_dir: Cache for built data sets (default: ``$TIMM_BNINIT_DATA_CACHE`` or ~/.cache).
+        wait: Wait while another process trains ``run_dir`` instead of raising :class:`.lock.RunDirBusyError`.
     """
     check_config(config)
     run_dir = Path(run_dir)
-    finished = layout.check_new_run_dir(run_dir, resume)
-    if finished is not None:
-        return finished
-    if resume:
-        _check_recorded_config(config, run_dir)
     accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
+    with hold_run_dir(accelerator, run_dir, wait=wait, show=accelerator.is_main_process and not quiet):
+        if resume:  # a finished run too: its result is its own recipe's
+            _check_recorded_config(config, run_dir)
+        finished = layout.check_new_run_dir(run_dir, resume)  # under the lock: no other process can finish it now
+        if finished is not None:
+            return finished
+        return _train(config, accelerator, run_dir, resume, quiet, data_cache_dir)
+
+
+def _train(config: Recipe, accelerator: Any, run_dir: Path, resume: bool, quiet: bool,
+           data_cache_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Start or resume the run in ``run_dir`` (whose lock this process holds) and train it to its end."""
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
     state = _start_or_resume(run, run_dir, resume, show)
