@@ -23,10 +23,13 @@ from torch.autograd.function import once_differentiable
 __all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
            "plane_moments", "read_state"]
 
-# Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
-# contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
-# reduction that are faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
-# devices, low-precision or non-contiguous inputs) the portable tensor ops do the same.
+# Per-(sample, channel) plane kernels. On CPU, BN's own kernels do the activation-sized work, run so that each BN
+# "channel" is one (sample, channel) plane: for an NCHW-contiguous input on the (1, N·C, H, W) view of the whole batch
+# (one call), for a channels_last input on each (1, C, H, W) sample, itself a channels_last tensor whose channels are
+# that sample's planes (one call per sample; the per-plane affine map is there one broadcast ``addcmul``, which the
+# channels_last layout vectorises along C). They give two-pass plane moments, the affine map and a fused Σdy /
+# Σdy·(x − m) reduction faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
+# devices, low-precision inputs, other layouts, compiled) the portable tensor ops do the same.
 _VARIANCE_CHUNK_ELEMENTS = 1 << 20  # on CPU, x − m exists one cache-sized chunk at a time
 
 
@@ -35,11 +38,18 @@ def plane(values: torch.Tensor) -> torch.Tensor:
     return values[..., None, None]
 
 
-def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
+def _kernel_layout(*tensors: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which BN's CPU kernels serve every tensor (``torch.contiguous_format``: the planes view;
+    ``torch.channels_last``: per sample), or None for the portable tensor ops."""
     if torch.compiler.is_compiling():
-        return False  # dynamo cannot trace the ``out=`` BN kernels, and inductor fuses the portable ops itself
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
-               for t in tensors)
+        return None  # dynamo cannot trace the ``out=`` BN kernels, and inductor fuses the portable ops itself
+    if not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return None
+    if all(t.is_contiguous() for t in tensors):  # first: a tensor with C == 1 or H·W == 1 is in both formats
+        return torch.contiguous_format
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return torch.channels_last
+    return None
 
 
 def _planes_view(x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +61,10 @@ def plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tens
 
     ``torch.var_mean`` would do this in one call but is several times slower than BN's whole forward on CPU.
     """
+    if stats_dtype == x.dtype and _kernel_layout(x) == torch.channels_last:
+        # BN's channels_last statistics kernel on each sample: its mean, then Σ(x − mean)² while the sample is in cache
+        means, variances = zip(*[torch.batch_norm_update_stats(sample, None, None, 0.0) for sample in x.split(1)])
+        return torch.stack(means), torch.stack(variances)
     mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
     batch, mean = x.shape[0], plane(mean_nc)
     step = batch
@@ -74,7 +88,7 @@ def plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     one differentiable ``addcmul`` in x's dtype instead: the fused kernels write through ``out=``."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return torch.addcmul(plane(shift.to(x.dtype)), x, plane(scale.to(x.dtype)))
-    if _uses_plane_kernels(x) and scale.dtype == x.dtype:
+    if scale.dtype == x.dtype and _kernel_layout(x) == torch.contiguous_format:
         planes = x.shape[0] * x.shape[1]
         scale, shift = scale.expand(x.shape[:2]).reshape(planes), shift.expand(x.shape[:2]).reshape(planes)
         ones, unused = torch.ones(planes, dtype=x.dtype), torch.empty(0, dtype=x.dtype)
@@ -83,20 +97,33 @@ def plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
         torch.ops.aten.native_batch_norm.out(_planes_view(x), scale, shift, torch.zeros_like(ones), ones, False, 0.0,
                                              0.0, out=_planes_view(y), save_mean=unused, save_invstd=unused.clone())
         return y
+    # empty_like keeps x's memory format, so a channels_last input gives a channels_last output, as in nn.BatchNorm2d
     return torch.addcmul(plane(shift), x, plane(scale), out=torch.empty_like(x))
 
 
 def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-plane Σdy and Σdy·(x − m), in m's dtype."""
-    if _uses_plane_kernels(grad_y, x) and mean_nc.dtype == x.dtype:
-        planes = x.shape[0] * x.shape[1]
-        # eval-mode BN backward with mean m, var 1, ε = 0 returns (Σdy·(x − m), Σdy) per plane in one fused pass
-        _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            _planes_view(grad_y), _planes_view(x), None, mean_nc.reshape(planes), torch.ones(planes, dtype=x.dtype),
-            None, None, False, 0.0, [False, True, True])
+    layout = _kernel_layout(grad_y, x) if mean_nc.dtype == x.dtype == grad_y.dtype else None
+    if layout == torch.contiguous_format:
+        dot, total = _bn_grad_sums(_planes_view(grad_y), _planes_view(x), mean_nc.reshape(-1),
+                                   torch.ones(mean_nc.numel(), dtype=x.dtype))
         return total.view_as(mean_nc), dot.view_as(mean_nc)
+    if layout == torch.channels_last:
+        ones = torch.ones(x.shape[1], dtype=x.dtype)
+        dots, totals = zip(*[_bn_grad_sums(dy, sample, mean, ones)
+                             for dy, sample, mean in zip(grad_y.split(1), x.split(1), mean_nc)])
+        return torch.stack(totals), torch.stack(dots)
     centered = x - plane(mean_nc)
     return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
+
+
+def _bn_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                  ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σdy·(x − mean), Σdy) per channel of a (1, C', H, W) tensor in one fused pass: training-mode BN backward with
+    1/σ = 1 and γ = 1 (training mode takes 1/σ as given, where eval mode computes a square root per channel)."""
+    _, dot, total = torch.ops.aten.native_batch_norm_backward.default(grad_y, x, ones, None, None, mean, ones, True,
+                                                                      0.0, [False, True, True])
+    return dot, total
 
 
 @torch.library.custom_op("timm_bninit::state_snapshot", mutates_args=())
