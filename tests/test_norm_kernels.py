@@ -158,11 +158,12 @@ def test_gradcheck_parameters_only(kind):
     gradcheck_layer(make(kind), make_input(2), grad_input=False)
 
 
+@pytest.mark.parametrize("path", ["planes", "samples"])
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_gradcheck_batch_statistics_in_eval_without_running_stats(kind):
+def test_gradcheck_batch_statistics_in_eval_without_running_stats(kind, path):
     """track_running_stats=False uses batch statistics in eval too (and the blended layer then uses σ_B alone)."""
     layer = make(kind, track_running_stats=False).eval()
-    gradcheck_layer(layer, make_input(3))
+    gradcheck_layer(layer, laid_out(make_input(3), path))
 
 
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
@@ -241,6 +242,30 @@ def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch):
     x = laid_out(make_input(13, n=4, h=5, w=6), "samples").requires_grad_()
     make("iebn")(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
     assert calls == [("stats", (1, C, 5, 6), True)] * 4 + [("grad sums", (1, C, 5, 6), True)] * 4
+
+
+def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypatch):
+    """Blended σ's coefficients are per channel: its channels_last step is BN's statistics and BN's own backward,
+    each called once on the whole batch."""
+    calls = []
+    update_stats = torch.batch_norm_update_stats
+    step_backward = norm_kernels._batchnorm_step_backward
+
+    def recording_update_stats(x, *args):
+        calls.append(("stats", tuple(x.shape)))
+        return update_stats(x, *args)
+
+    def recording_step_backward(ctx, grad_y, x):
+        calls.append(("backward", tuple(x.shape)))
+        return step_backward(ctx, grad_y, x)
+
+    monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
+    monkeypatch.setattr(norm_kernels, "_batchnorm_step_backward", recording_step_backward)
+    layer = make("blend")
+    for _ in range(2):  # the first step (σ_B alone) and a blended one
+        x = laid_out(make_input(15, n=4, h=5, w=6), "samples").requires_grad_()
+        layer(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
+    assert calls == [("stats", (4, C, 5, 6)), ("backward", (4, C, 5, 6))] * 2
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -43,6 +43,11 @@ LAYERS = {
     "rbn_noaffine": functools.partial(tb.RepresentativeBatchNorm2d, affine=False),
     "iebn_cma": functools.partial(tb.InstanceEnhancementBatchNorm2d, momentum=None),  # cumulative running average
     "iebn_uneven": tb.InstanceEnhancementBatchNorm2d,
+    # channels_last batches: the per-sample kernels, and blended σ's whole-batch ones (whose fused BN backward a
+    # synchronised layer gives up for the closed form, to all-reduce between Σdy and dx)
+    "rbn_nhwc": tb.RepresentativeBatchNorm2d,
+    "iebn_nhwc": tb.InstanceEnhancementBatchNorm2d,
+    "blend_nhwc": functools.partial(tb.BlendedStdBatchNorm2d, prev_std_weight=0.3),
     # plain BN and the γ-init variants become (Gloo)SyncBatchNorm: torch's kernels refuse CPU tensors
     "bn": nn.BatchNorm2d,
     "bn_act": functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.ReLU),
@@ -83,11 +88,12 @@ def batch(kind: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run_layer(layer: nn.Module, kind: str, rows: slice) -> dict[str, object]:
     """STEPS training steps on ``rows`` of each step's batch, then one eval forward; what the comparison needs."""
     seen: dict[str, object] = {"y": [], "dx": [], "grads": []}
+    memory_format = torch.channels_last if kind.endswith("_nhwc") else torch.contiguous_format
     for step in range(STEPS):
         x, weights = batch(kind, step)
-        x = x[rows].clone().requires_grad_()
+        x = x[rows].contiguous(memory_format=memory_format).requires_grad_()
         y = layer(x)
-        (y * weights[rows]).sum().backward()
+        (y * weights[rows].contiguous(memory_format=memory_format)).sum().backward()
         seen["y"].append(y.detach())
         seen["dx"].append(x.grad)
         seen["grads"].append({name: p.grad.clone() for name, p in layer.named_parameters()})

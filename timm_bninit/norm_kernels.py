@@ -117,6 +117,17 @@ def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor
     return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
 
 
+def _channel_grad_sums(grad_y: torch.Tensor, x: torch.Tensor,
+                       mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel Σdy and Σdy·(x − μ) over the whole batch, as (1, C) tensors, for a (1, C) mean μ."""
+    if mean.dtype == x.dtype == grad_y.dtype and _kernel_layout(grad_y, x) is not None:
+        dot, total = _bn_grad_sums(grad_y, x, mean[0], torch.ones_like(mean[0]))
+        return total[None], dot[None]
+    centered = x - plane(mean)
+    return (grad_y.sum(dim=(0, 2, 3), dtype=mean.dtype)[None],
+            (grad_y * centered).sum(dim=(0, 2, 3), dtype=mean.dtype)[None])
+
+
 def _bn_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                   ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σdy·(x − mean), Σdy) per channel of a (1, C', H, W) tensor in one fused pass: training-mode BN backward with
@@ -192,16 +203,33 @@ class PlaneAffineFunction(torch.autograd.Function):
     Σdy·(x − m) in one fused pass, then dx = A·dy + P·x + Q with per-plane P and Q (two passes). The (N, C)-sized
     work is a few dozen tensor ops without autograd bookkeeping. Not twice differentiable, and (like BN's running
     statistics update) not usable under ``torch.func`` transforms.
+
+    A layer whose coefficients are per channel, functions of the batch statistics only (blended σ), says so by
+    defining ``_batchnorm_backward_coefficients(saved) -> (γ', 1/σ')``: the (γ, 1/σ) with which BN's own
+    training-mode backward, at the batch mean, is its input gradient. On a channels_last CPU batch the whole step is
+    then BN's kernels on the whole batch, treated as one plane per channel: its statistics in one call, and Σdy,
+    Σdy·(x − μ) and dx in one more, as BN's own backward computes them (BN's channels_last kernels reduce a whole
+    channel faster than the per-sample calls, and its backward writes dx in one pass instead of two).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
-        mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+        whole_batch = (hasattr(layer, "_batchnorm_backward_coefficients")
+                       and _kernel_layout(x) == torch.channels_last)
+        if whole_batch:
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean_nc, var_nc, plane_size = mean[None], var[None], x.shape[0] * x.shape[2] * x.shape[3]
+        else:
+            mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+            plane_size = x.shape[2] * x.shape[3]
         values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
-        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
+        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, plane_size, *values)
         ctx.save_for_backward(x)
-        ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
+        ctx.layer, ctx.mean_nc, ctx.plane_size, ctx.scale, ctx.saved = layer, mean_nc, plane_size, scale, saved
         ctx.param_dtypes = [None if p is None else p.dtype for p in params]
+        # synchronised statistics need the all-reduce between Σdy and dx that BN's fused backward has no room for
+        use_bn = whole_batch and moments.group is None
+        ctx.batchnorm_backward = layer._batchnorm_backward_coefficients(saved) if use_bn else None
         # the running-statistics update's inputs, returned rather than applied here: the Function has no side
         # effects, and the layer updates its state in its own forward, where nn.BatchNorm2d does
         mean, var = moments.mean, moments.var
@@ -213,20 +241,40 @@ class PlaneAffineFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor, *_statistics_grads: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        mean_nc, scale = ctx.mean_nc, ctx.scale
-        plane_size = x.shape[2] * x.shape[3]
-        # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
-        grad_shift, grad_scale = plane_grad_sums(grad_y, x, mean_nc)
-        grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which
-            # enters both A, B and x − m (the latter contributes −A·Σdy):
-            # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
-            coef_x = grad_var * (2.0 / plane_size)
-            coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
-            grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
-            grad_x.addcmul_(x, plane(coef_x))
+        if ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
+            grad_x, param_grads = _batchnorm_step_backward(ctx, grad_y, x)
+        else:
+            grad_x, param_grads = _closed_form_backward(ctx, grad_y, x)
         param_grads = [grad.to(dtype) if needed else None
                        for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)
+
+
+def _closed_form_backward(ctx: Any, grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
+    mean_nc, scale, plane_size = ctx.mean_nc, ctx.scale, ctx.plane_size
+    # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
+    if mean_nc.shape[0] == x.shape[0]:
+        grad_shift, grad_scale = plane_grad_sums(grad_y, x, mean_nc)
+    else:  # the whole batch as one plane per channel (see the class docstring)
+        grad_shift, grad_scale = _channel_grad_sums(grad_y, x, mean_nc)
+    grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
+    if not ctx.needs_input_grad[0]:
+        return None, param_grads
+    # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which enters
+    # both A, B and x − m (the latter contributes −A·Σdy):
+    # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
+    coef_x = grad_var * (2.0 / plane_size)
+    coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
+    grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
+    return grad_x.addcmul_(x, plane(coef_x)), param_grads
+
+
+def _batchnorm_step_backward(ctx: Any, grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
+    """dx from BN's training-mode backward with the layer's (γ', 1/σ'), the parameters' gradients from its closed
+    form fed with the per-channel sums that the same call returns."""
+    weight, invstd = ctx.batchnorm_backward
+    grad_x, grad_weight, total = torch.ops.aten.native_batch_norm_backward.default(
+        grad_y, x, weight, None, None, ctx.mean_nc[0], invstd, True, 0.0, [ctx.needs_input_grad[0], True, True])
+    # BN returns γ's gradient as Σdy·(x − μ)·(1/σ'); the whole batch is one plane per channel (m = μ)
+    _, _, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, (grad_weight / invstd)[None], total[None])
+    return grad_x, param_grads
