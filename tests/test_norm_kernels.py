@@ -1,9 +1,11 @@
 """Tests of the calibrating layers' hand-written training-mode forward/backward (``norm_kernels.PlaneAffineFunction``).
 
-The layers compute ``y = x·A + B'`` from per-(sample, channel) moments with BN's own CPU kernels on contiguous float
-inputs and portable tensor ops otherwise, and back-propagate the small (N, C) part in closed form. These tests check
-that backward with float64 ``gradcheck`` on both kernel paths and in every configuration that changes the closed form,
-and compare float32 / bfloat16 / chunked / non-contiguous cases with the formulas written out below.
+The layers compute ``y = x·A + B'`` from per-(sample, channel) moments with BN's own CPU kernels on float inputs,
+on the (1, N·C, H, W) planes view of an NCHW-contiguous batch or on each (1, C, H, W) sample of a channels_last one,
+and with portable tensor ops otherwise, and back-propagate the small (N, C) part in closed form. These tests check
+that backward with float64 ``gradcheck`` on the three kernel paths and in every configuration that changes the closed
+form, compare float32 / bfloat16 / chunked / mixed-layout cases with the formulas written out below, and check that
+the output and input gradient keep the input's memory format as ``nn.BatchNorm2d``'s do.
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ def make_input(seed: int, n: int = 3, h: int = 2, w: int = 3, offset: float = 2.
     return (means + scales * torch.randn(n, C, h, w, generator=gen, dtype=torch.float64)).to(dtype)
 
 
+# the three ways the kernels run, by the input's layout: BN's kernels on the planes view of an NCHW-contiguous batch,
+# BN's kernels on each sample of a channels_last batch, the portable tensor ops on anything else
+PATHS = ("planes", "samples", "portable")
+
+
+def laid_out(x: torch.Tensor, path: str) -> torch.Tensor:
+    """The same values, in the memory layout that takes ``path``."""
+    if path == "planes":
+        return x.contiguous()
+    if path == "samples":
+        return x.to(memory_format=torch.channels_last)
+    return x.transpose(2, 3).contiguous().transpose(2, 3)  # W-major planes: contiguous in neither format
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_layouts_take_the_path_they_are_named_for(path):
+    want = {"planes": torch.contiguous_format, "samples": torch.channels_last, "portable": None}[path]
+    assert norm_kernels._kernel_layout(laid_out(make_input(0), path)) == want
+
+
 # ---- the formulas (docs/methods.md §2-§4), training mode, written out with plain tensor ops ------------------
 
 
@@ -118,13 +140,13 @@ def gradcheck_layer(layer: nn.Module, x: torch.Tensor, grad_input: bool = True) 
                                     rtol=1e-4)
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["planes", "portable"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_gradcheck_training_mode(kind, memory_format):
+def test_gradcheck_training_mode(kind, path):
     layer = make(kind)
     if kind.startswith("blend"):
         layer.prev_std.copy_(torch.tensor([0.7, 1.9, 0.0], dtype=torch.float64))  # blended and first-step channels
-    x = make_input(1).to(memory_format=memory_format)
+    x = laid_out(make_input(1), path)
     if kind.endswith("act"):
         x = x + 0.5  # keep values away from the ReLU kink, where finite differences are meaningless
     gradcheck_layer(layer, x)
@@ -136,17 +158,24 @@ def test_gradcheck_parameters_only(kind):
     gradcheck_layer(make(kind), make_input(2), grad_input=False)
 
 
+@pytest.mark.parametrize("path", ["planes", "samples"])
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_gradcheck_batch_statistics_in_eval_without_running_stats(kind):
+def test_gradcheck_batch_statistics_in_eval_without_running_stats(kind, path):
     """track_running_stats=False uses batch statistics in eval too (and the blended layer then uses σ_B alone)."""
     layer = make(kind, track_running_stats=False).eval()
-    gradcheck_layer(layer, make_input(3))
+    gradcheck_layer(layer, laid_out(make_input(3), path))
 
 
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
 def test_gradcheck_single_pixel_planes(kind):
     """H = W = 1: every plane has one value, v = 0 and the variance comes from the batch only."""
     gradcheck_layer(make(kind), make_input(4, n=5, h=1, w=1))
+
+
+@pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
+def test_gradcheck_channels_last_single_sample_of_two_pixels(kind):
+    """The per-sample kernels at their smallest: one sample, planes of two values (fewer rows than BN's threads)."""
+    gradcheck_layer(make(kind), laid_out(make_input(4, n=1, h=1, w=2), "samples"))
 
 
 # ---- forward and gradients against the formulas --------------------------------------------------------------------
@@ -159,18 +188,33 @@ def forward_backward(module_or_fn, x: torch.Tensor, grad: torch.Tensor, params) 
     return (y.detach(), *grads)
 
 
-@pytest.mark.parametrize("case", ["contiguous", "channels_last", "chunked", "expanded_grad"])
+# (input layout, gradient layout or "expanded"): every kernel path, the chunked variance, and gradients that reach the
+# layer in another layout than its input (then the backward sums take the portable ops)
+FORMULA_CASES = {
+    "planes": ("planes", "planes"),
+    "samples": ("samples", "samples"),
+    "portable": ("portable", "portable"),
+    "chunked": ("planes", "planes"),
+    "expanded_grad": ("planes", "expanded"),
+    "samples_expanded_grad": ("samples", "expanded"),
+    "samples_input_planes_grad": ("samples", "planes"),
+    "planes_input_samples_grad": ("planes", "samples"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMULA_CASES))
 @pytest.mark.parametrize("kind", ["rbn", "rbn_unit", "iebn", "iebn_unit", "blend"])
 def test_matches_formula_float64(kind, case, monkeypatch):
     layer = make(kind)
-    x = make_input(5, n=4, h=5, w=6)
+    input_path, grad_path = FORMULA_CASES[case]
+    x = laid_out(make_input(5, n=4, h=5, w=6), input_path)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    if case == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif case == "chunked":
+    if case == "chunked":
         monkeypatch.setattr(norm_kernels, "_VARIANCE_CHUNK_ELEMENTS", x[0].numel() + 1)  # one sample per chunk
-    elif case == "expanded_grad":
+    if grad_path == "expanded":
         grad = torch.tensor(0.7, dtype=torch.float64).expand(x.shape)  # as y.sum().backward() passes it
+    else:
+        grad = laid_out(grad, grad_path)
     params = list(layer.parameters())
     got = forward_backward(layer, x, grad, params)
     want = forward_backward(functools.partial(formula, kind, layer), x, grad, params)
@@ -178,12 +222,77 @@ def test_matches_formula_float64(kind, case, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch):
+    """A channels_last batch takes BN's kernels sample by sample (the fast path), not the portable ops."""
+    calls = []
+    update_stats = torch.batch_norm_update_stats
+
+    def recording_update_stats(sample, *args):
+        calls.append(("stats", tuple(sample.shape), sample.is_contiguous(memory_format=torch.channels_last)))
+        return update_stats(sample, *args)
+
+    grad_sums = norm_kernels._bn_grad_sums
+
+    def recording_grad_sums(grad_y, sample, *args):
+        calls.append(("grad sums", tuple(sample.shape), grad_y.is_contiguous(memory_format=torch.channels_last)))
+        return grad_sums(grad_y, sample, *args)
+
+    monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
+    monkeypatch.setattr(norm_kernels, "_bn_grad_sums", recording_grad_sums)
+    x = laid_out(make_input(13, n=4, h=5, w=6), "samples").requires_grad_()
+    make("iebn")(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
+    assert calls == [("stats", (1, C, 5, 6), True)] * 4 + [("grad sums", (1, C, 5, 6), True)] * 4
+
+
+def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypatch):
+    """Blended σ's coefficients are per channel: its channels_last step is BN's statistics and BN's own backward,
+    each called once on the whole batch."""
+    calls = []
+    update_stats = torch.batch_norm_update_stats
+    step_backward = norm_kernels._batchnorm_step_backward
+
+    def recording_update_stats(x, *args):
+        calls.append(("stats", tuple(x.shape)))
+        return update_stats(x, *args)
+
+    def recording_step_backward(ctx, grad_y, x):
+        calls.append(("backward", tuple(x.shape)))
+        return step_backward(ctx, grad_y, x)
+
+    monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
+    monkeypatch.setattr(norm_kernels, "_batchnorm_step_backward", recording_step_backward)
+    layer = make("blend")
+    for _ in range(2):  # the first step (σ_B alone) and a blended one
+        x = laid_out(make_input(15, n=4, h=5, w=6), "samples").requires_grad_()
+        layer(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
+    assert calls == [("stats", (4, C, 5, 6)), ("backward", (4, C, 5, 6))] * 2
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["rbn", "iebn", "blend", "rbn_act"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_output_and_input_gradient_keep_the_memory_format(kind, training, memory_format):
+    """As nn.BatchNorm2d: a channels_last input gives a channels_last output and input gradient, NCHW gives NCHW."""
+    x = make_input(14, n=4, h=5, w=6).to(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(x.shape, dtype=torch.float64).to(memory_format=memory_format)
+    layer = make(kind).train(training)
+    y = layer(x)
+    y.backward(grad)
+    bn = nn.BatchNorm2d(C, dtype=torch.float64).train(training)
+    bn_x = x.detach().clone().requires_grad_()
+    bn_y = bn(bn_x)
+    bn_y.backward(grad)
+    for got, want in ((y, bn_y), (x.grad, bn_x.grad)):
+        assert got.is_contiguous(memory_format=memory_format) and want.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_float32_large_mean_does_not_cancel(kind):
+def test_float32_large_mean_does_not_cancel(kind, path):
     """Plane means 300× the spread: a one-pass E[x²] − E[x]² in float32 would lose most digits of the variance."""
     layer64 = make(kind)
     layer32 = make(kind).float()
-    x = make_input(7, n=4, h=8, w=8, offset=300.0)
+    x = laid_out(make_input(7, n=4, h=8, w=8, offset=300.0), path)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     want = forward_backward(layer64, x, grad, list(layer64.parameters()))
     got = forward_backward(layer32, x.float(), grad.float(), list(layer32.parameters()))
@@ -193,20 +302,22 @@ def test_float32_large_mean_does_not_cancel(kind):
         assert error < 1e-4, f"{kind} {name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_bfloat16_input_keeps_float32_statistics(kind):
+def test_bfloat16_input_keeps_float32_statistics(kind, memory_format):
     layer = make(kind, dtype=torch.float32)
-    x = make_input(9, n=4, h=6, w=6, dtype=torch.float32).bfloat16()
+    x = make_input(9, n=4, h=6, w=6, dtype=torch.float32).bfloat16().to(memory_format=memory_format)
     y = layer(x)
     assert y.dtype == torch.bfloat16
     expected = formula(kind, layer, x.float())
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("path", ["planes", "samples"])
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_output_is_not_a_view_so_inplace_activation_works(kind):
+def test_output_is_not_a_view_so_inplace_activation_works(kind, path):
     layer = make(kind)
-    x = make_input(10).requires_grad_()
+    x = laid_out(make_input(10), path).requires_grad_()
     y = layer(x)
     assert y._base is None
     torch.relu_(y).sum().backward()
@@ -226,10 +337,11 @@ def test_backward_twice_with_retain_graph(kind):
         torch.testing.assert_close(after, 2 * before)
 
 
-def test_running_statistics_follow_the_calibrated_input():
+@pytest.mark.parametrize("path", PATHS)
+def test_running_statistics_follow_the_calibrated_input(path):
     """RBN's running statistics track x + w_m·GAP(x), computed from the plane moments without forming it."""
     layer = make("rbn")
-    x = make_input(12, n=4)
+    x = laid_out(make_input(12, n=4), path)
     layer(x)
     calibrated = x + layer.centering_weight.detach().reshape(1, -1, 1, 1) * x.mean(dim=(2, 3), keepdim=True)
     mean = calibrated.mean(dim=(0, 2, 3))

@@ -57,6 +57,10 @@ def _cases() -> dict[str, Callable[..., nn.Module]]:
     for name in distinct_forms():
         cases[f"{name}_cma"] = functools.partial(factory(name), momentum=None)  # cumulative running average
         cases[f"{name}_uneven"] = factory(name)
+    # channels_last batches: the per-sample kernels, and blended σ's whole-batch ones (whose fused BN backward a
+    # synchronised layer gives up for the closed form, to all-reduce between Σdy and dx)
+    for name in distinct_forms("calibrated"):
+        cases[f"{name}_nhwc"] = factory(name)
     # plain BN becomes (Gloo)SyncBatchNorm: torch's kernels refuse CPU tensors
     cases.update({"bn": nn.BatchNorm2d, "bn_act": functools.partial(timm.layers.BatchNormAct2d, act_layer=nn.ReLU),
                   "bn_cma": functools.partial(nn.BatchNorm2d, momentum=None), "bn_uneven": nn.BatchNorm2d,
@@ -97,11 +101,12 @@ def batch(kind: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run_layer(layer: nn.Module, kind: str, rows: slice) -> dict[str, object]:
     """STEPS training steps on ``rows`` of each step's batch, then one eval forward; what the comparison needs."""
     seen: dict[str, object] = {"y": [], "dx": [], "grads": []}
+    memory_format = torch.channels_last if kind.endswith("_nhwc") else torch.contiguous_format
     for step in range(STEPS):
         x, weights = batch(kind, step)
-        x = x[rows].clone().requires_grad_()
+        x = x[rows].contiguous(memory_format=memory_format).requires_grad_()
         y = layer(x)
-        (y * weights[rows]).sum().backward()
+        (y * weights[rows].contiguous(memory_format=memory_format)).sum().backward()
         seen["y"].append(y.detach())
         seen["dx"].append(x.grad)
         seen["grads"].append({name: p.grad.clone() for name, p in layer.named_parameters()})

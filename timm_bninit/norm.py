@@ -663,6 +663,18 @@ class _BlendedStdBase(_CalibratedBase):
         beta = bias.to(dtype) if bias is not None else 0.0
         return scale, self._affine_shift(beta, scale, mean), moments, (moments, batch_std, std_grad_factor, scale)
 
+    def _batchnorm_backward_coefficients(self, saved: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(γ', 1/σ') with which BN's own training-mode backward is this layer's input gradient, so that the kernels
+        run BN's fused backward (see :class:`~timm_bninit.norm_kernels.PlaneAffineFunction`).
+
+        With σ_prev constant, dx = (dy − mean(dy))/σ − (1 − α')·mean(dy·(x − μ))·(x − μ)/(σ²·σ_B) (α' = α once
+        blended, 0 on a first step), which is BN's (γ'·(1/σ'))·(dy − mean(dy) − (1/σ')²·mean(dy·(x − μ))·(x − μ))
+        for (1/σ')² = (1 − α')/(σ·σ_B) and γ' = σ'/σ.
+        """
+        _, batch_std, std_grad_factor, scale = saved
+        invstd = (scale * std_grad_factor / batch_std).sqrt_()
+        return scale / invstd, invstd
+
     def _update_batch_state(self, mean: torch.Tensor, var: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         super()._update_batch_state(mean, var, unbiased_var)
         if self.training:  # the next training batch's σ_prev: this batch's σ_B

@@ -24,10 +24,13 @@ from torch.autograd.function import once_differentiable
 __all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
            "plane_moments", "read_state"]
 
-# Per-(sample, channel) plane kernels. On CPU, BN's own eval-mode kernels applied to the (1, N·C, H, W) view of a
-# contiguous input (each plane of the view is one "channel") give a per-plane affine map and a fused Σdy / Σdy·(x − m)
-# reduction that are faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
-# devices, low-precision or non-contiguous inputs) the portable tensor ops do the same.
+# Per-(sample, channel) plane kernels. On CPU, BN's own kernels do the activation-sized work, run so that each BN
+# "channel" is one (sample, channel) plane: for an NCHW-contiguous input on the (1, N·C, H, W) view of the whole batch
+# (one call), for a channels_last input on each (1, C, H, W) sample, itself a channels_last tensor whose channels are
+# that sample's planes (one call per sample; the per-plane affine map is there one broadcast ``addcmul``, which the
+# channels_last layout vectorises along C). They give two-pass plane moments, the affine map and a fused Σdy /
+# Σdy·(x − m) reduction faster than the broadcast tensor ops (measured in benchmarks/bench_norm.py); elsewhere (other
+# devices, low-precision inputs, other layouts, compiled) the portable tensor ops do the same.
 _VARIANCE_CHUNK_ELEMENTS = 1 << 20  # on CPU, x − m exists one cache-sized chunk at a time
 
 
@@ -36,11 +39,18 @@ def plane(values: torch.Tensor) -> torch.Tensor:
     return values[..., None, None]
 
 
-def _uses_plane_kernels(*tensors: torch.Tensor) -> bool:
+def _kernel_layout(*tensors: torch.Tensor) -> torch.memory_format | None:
+    """The memory format in which BN's CPU kernels serve every tensor (``torch.contiguous_format``: the planes view;
+    ``torch.channels_last``: per sample), or None for the portable tensor ops."""
     if torch.compiler.is_compiling():
-        return False  # dynamo cannot trace the ``out=`` BN kernels, and inductor fuses the portable ops itself
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
-               for t in tensors)
+        return None  # dynamo cannot trace the ``out=`` BN kernels, and inductor fuses the portable ops itself
+    if not all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return None
+    if all(t.is_contiguous() for t in tensors):  # first: a tensor with C == 1 or H·W == 1 is in both formats
+        return torch.contiguous_format
+    if all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return torch.channels_last
+    return None
 
 
 def _planes_view(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +62,10 @@ def plane_moments(x: torch.Tensor, stats_dtype: torch.dtype) -> tuple[torch.Tens
 
     ``torch.var_mean`` would do this in one call but is several times slower than BN's whole forward on CPU.
     """
+    if stats_dtype == x.dtype and _kernel_layout(x) == torch.channels_last:
+        # BN's channels_last statistics kernel on each sample: its mean, then Σ(x − mean)² while the sample is in cache
+        means, variances = zip(*[torch.batch_norm_update_stats(sample, None, None, 0.0) for sample in x.split(1)])
+        return torch.stack(means), torch.stack(variances)
     mean_nc = x.mean(dim=(2, 3), dtype=stats_dtype)
     batch, mean = x.shape[0], plane(mean_nc)
     step = batch
@@ -75,7 +89,7 @@ def plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     one differentiable ``addcmul`` in x's dtype instead: the fused kernels write through ``out=``."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return torch.addcmul(plane(shift.to(x.dtype)), x, plane(scale.to(x.dtype)))
-    if _uses_plane_kernels(x) and scale.dtype == x.dtype:
+    if scale.dtype == x.dtype and _kernel_layout(x) == torch.contiguous_format:
         planes = x.shape[0] * x.shape[1]
         scale, shift = scale.expand(x.shape[:2]).reshape(planes), shift.expand(x.shape[:2]).reshape(planes)
         ones, unused = torch.ones(planes, dtype=x.dtype), torch.empty(0, dtype=x.dtype)
@@ -84,20 +98,44 @@ def plane_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
         torch.ops.aten.native_batch_norm.out(_planes_view(x), scale, shift, torch.zeros_like(ones), ones, False, 0.0,
                                              0.0, out=_planes_view(y), save_mean=unused, save_invstd=unused.clone())
         return y
+    # empty_like keeps x's memory format, so a channels_last input gives a channels_last output, as in nn.BatchNorm2d
     return torch.addcmul(plane(shift), x, plane(scale), out=torch.empty_like(x))
 
 
 def plane_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean_nc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-plane Σdy and Σdy·(x − m), in m's dtype."""
-    if _uses_plane_kernels(grad_y, x) and mean_nc.dtype == x.dtype:
-        planes = x.shape[0] * x.shape[1]
-        # eval-mode BN backward with mean m, var 1, ε = 0 returns (Σdy·(x − m), Σdy) per plane in one fused pass
-        _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            _planes_view(grad_y), _planes_view(x), None, mean_nc.reshape(planes), torch.ones(planes, dtype=x.dtype),
-            None, None, False, 0.0, [False, True, True])
+    layout = _kernel_layout(grad_y, x) if mean_nc.dtype == x.dtype == grad_y.dtype else None
+    if layout == torch.contiguous_format:
+        dot, total = _bn_grad_sums(_planes_view(grad_y), _planes_view(x), mean_nc.reshape(-1),
+                                   torch.ones(mean_nc.numel(), dtype=x.dtype))
         return total.view_as(mean_nc), dot.view_as(mean_nc)
+    if layout == torch.channels_last:
+        ones = torch.ones(x.shape[1], dtype=x.dtype)
+        dots, totals = zip(*[_bn_grad_sums(dy, sample, mean, ones)
+                             for dy, sample, mean in zip(grad_y.split(1), x.split(1), mean_nc)])
+        return torch.stack(totals), torch.stack(dots)
     centered = x - plane(mean_nc)
     return grad_y.sum(dim=(2, 3), dtype=mean_nc.dtype), (grad_y * centered).sum(dim=(2, 3), dtype=mean_nc.dtype)
+
+
+def _channel_grad_sums(grad_y: torch.Tensor, x: torch.Tensor,
+                       mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel Σdy and Σdy·(x − μ) over the whole batch, as (1, C) tensors, for a (1, C) mean μ."""
+    if mean.dtype == x.dtype == grad_y.dtype and _kernel_layout(grad_y, x) is not None:
+        dot, total = _bn_grad_sums(grad_y, x, mean[0], torch.ones_like(mean[0]))
+        return total[None], dot[None]
+    centered = x - plane(mean)
+    return (grad_y.sum(dim=(0, 2, 3), dtype=mean.dtype)[None],
+            (grad_y * centered).sum(dim=(0, 2, 3), dtype=mean.dtype)[None])
+
+
+def _bn_grad_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                  ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σdy·(x − mean), Σdy) per channel of a (1, C', H, W) tensor in one fused pass: training-mode BN backward with
+    1/σ = 1 and γ = 1 (training mode takes 1/σ as given, where eval mode computes a square root per channel)."""
+    _, dot, total = torch.ops.aten.native_batch_norm_backward.default(grad_y, x, ones, None, None, mean, ones, True,
+                                                                      0.0, [False, True, True])
+    return dot, total
 
 
 @torch.library.custom_op("timm_bninit::state_snapshot", mutates_args=())
@@ -171,16 +209,33 @@ class PlaneAffineFunction(torch.autograd.Function):
     Σdy·(x − m) in one fused pass, then dx = A·dy + P·x + Q with per-plane P and Q (two passes). The (N, C)-sized
     work is a few dozen tensor ops without autograd bookkeeping. Not twice differentiable, and (like BN's running
     statistics update) not usable under ``torch.func`` transforms.
+
+    A layer whose coefficients are per channel, functions of the batch statistics only (blended σ), says so by
+    defining ``_batchnorm_backward_coefficients(saved) -> (γ', 1/σ')``: the (γ, 1/σ) with which BN's own
+    training-mode backward, at the batch mean, is its input gradient. On a channels_last CPU batch the whole step is
+    then BN's kernels on the whole batch, treated as one plane per channel: its statistics in one call, and Σdy,
+    Σdy·(x − μ) and dx in one more, as BN's own backward computes them (BN's channels_last kernels reduce a whole
+    channel faster than the per-sample calls, and its backward writes dx in one pass instead of two).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
-        mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+        whole_batch = (hasattr(layer, "_batchnorm_backward_coefficients")
+                       and _kernel_layout(x) == torch.channels_last)
+        if whole_batch:
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean_nc, var_nc, plane_size = mean[None], var[None], x.shape[0] * x.shape[2] * x.shape[3]
+        else:
+            mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+            plane_size = x.shape[2] * x.shape[3]
         values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
-        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, x.shape[2] * x.shape[3], *values)
+        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, plane_size, *values)
         ctx.save_for_backward(x)
-        ctx.layer, ctx.mean_nc, ctx.scale, ctx.saved = layer, mean_nc, scale, saved
+        ctx.layer, ctx.mean_nc, ctx.plane_size, ctx.scale, ctx.saved = layer, mean_nc, plane_size, scale, saved
         ctx.param_dtypes = [None if p is None else p.dtype for p in params]
+        # synchronised statistics need the all-reduce between Σdy and dx that BN's fused backward has no room for
+        use_bn = whole_batch and moments.group is None
+        ctx.batchnorm_backward = layer._batchnorm_backward_coefficients(saved) if use_bn else None
         # the running-statistics update's inputs, returned rather than applied here: the Function has no side
         # effects, and the layer updates its state in its own forward, where nn.BatchNorm2d does
         mean, var = moments.mean, moments.var
@@ -192,20 +247,40 @@ class PlaneAffineFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor, *_statistics_grads: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        mean_nc, scale = ctx.mean_nc, ctx.scale
-        plane_size = x.shape[2] * x.shape[3]
-        # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
-        grad_shift, grad_scale = plane_grad_sums(grad_y, x, mean_nc)
-        grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which
-            # enters both A, B and x − m (the latter contributes −A·Σdy):
-            # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
-            coef_x = grad_var * (2.0 / plane_size)
-            coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
-            grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
-            grad_x.addcmul_(x, plane(coef_x))
+        if ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
+            grad_x, param_grads = _batchnorm_step_backward(ctx, grad_y, x)
+        else:
+            grad_x, param_grads = _closed_form_backward(ctx, grad_y, x)
         param_grads = [grad.to(dtype) if needed else None
                        for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)
+
+
+def _closed_form_backward(ctx: Any, grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
+    mean_nc, scale, plane_size = ctx.mean_nc, ctx.scale, ctx.plane_size
+    # in the centred form y = (x − m)·A + B (B = B' + A·m): ∂L/∂A = Σdy·(x − m) and ∂L/∂B = Σdy
+    if mean_nc.shape[0] == x.shape[0]:
+        grad_shift, grad_scale = plane_grad_sums(grad_y, x, mean_nc)
+    else:  # the whole batch as one plane per channel (see the class docstring)
+        grad_shift, grad_scale = _channel_grad_sums(grad_y, x, mean_nc)
+    grad_mean, grad_var, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, grad_scale, grad_shift)
+    if not ctx.needs_input_grad[0]:
+        return None, param_grads
+    # y depends on x directly (A·dy), through v (∂v/∂x = 2(x − m)/HW) and through m (∂m/∂x = 1/HW), which enters
+    # both A, B and x − m (the latter contributes −A·Σdy):
+    # dx = A·dy + P·(x − m) + Q with P = 2·∂L/∂v / HW, Q = (∂L/∂m − A·Σdy) / HW
+    coef_x = grad_var * (2.0 / plane_size)
+    coef_const = torch.addcmul(grad_mean, scale, grad_shift, value=-1.0).div_(plane_size)
+    grad_x = plane_affine(grad_y, scale, coef_const.addcmul_(coef_x, mean_nc, value=-1.0))
+    return grad_x.addcmul_(x, plane(coef_x)), param_grads
+
+
+def _batchnorm_step_backward(ctx: Any, grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
+    """dx from BN's training-mode backward with the layer's (γ', 1/σ'), the parameters' gradients from its closed
+    form fed with the per-channel sums that the same call returns."""
+    weight, invstd = ctx.batchnorm_backward
+    grad_x, grad_weight, total = torch.ops.aten.native_batch_norm_backward.default(
+        grad_y, x, weight, None, None, ctx.mean_nc[0], invstd, True, 0.0, [ctx.needs_input_grad[0], True, True])
+    # BN returns γ's gradient as Σdy·(x − μ)·(1/σ'); the whole batch is one plane per channel (m = μ)
+    _, _, param_grads = ctx.layer._batch_coefficients_backward(ctx.saved, (grad_weight / invstd)[None], total[None])
+    return grad_x, param_grads
