@@ -3,7 +3,11 @@
 across the methods of a column, as Markdown, CSV and LaTeX, plus plots. Under every table a power section: each
 method's mean difference to the baseline with its 95% CI, the smallest effect the design detects with 80% power, and
 the seeds that would detect the observed difference (:mod:`.power`); :func:`plan_from_pilot` plans a study from a
-pilot sweep the same way."""
+pilot sweep the same way.
+
+A run that diverged enters every table and test with the accuracies its ``final.json`` holds, chance level (the rule of
+docs/guide/comparisons.md, applied when the run ended, the same for every method); each cell counts its diverged runs,
+and a note under the table lists them."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from . import layout
 from .power import PowerInputError, PowerSummary, minimum_detectable_effect, power_summary, seeds_needed
 from .tables import ALPHA, Cell, SweepTable, format_p
 
-__all__ = ["IncompleteSweepError", "Cell", "SweepTable", "PilotRow", "load_sweep", "summarise", "holm",
+__all__ = ["IncompleteSweepError", "Cell", "SweepTable", "PilotRow", "load_sweep", "summarise", "holm", "diverged_note",
            "write_report", "power_markdown", "plan_from_pilot", "pilot_plan_text", "METRICS"]
 
 METRICS = layout.RESULT_METRICS
@@ -80,7 +84,9 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
                                 key=lambda r: r["seed"])
                 if chosen:
                     table.cells[(method, lr)] = Cell(method, lr, [r["seed"] for r in chosen],
-                                                     [float(r["final"][METRICS[metric]]) for r in chosen])
+                                                     [float(r["final"][METRICS[metric]]) for r in chosen],
+                                                     diverged=[r["seed"] for r in chosen
+                                                               if layout.is_diverged(r["final"])])
         for lr in lrs:
             base = table.cells.get((baseline, lr))
             compared = [c for (m, cell_lr), c in table.cells.items() if cell_lr == lr and m != baseline]
@@ -105,7 +111,22 @@ def _cell_text(cell: Cell | None) -> str:
     if cell is None:
         return "—"
     std = "n/a" if math.isnan(cell.std) else f"{cell.std:.2f}"
-    return f"{cell.mean:.2f} ± {std} ({cell.n})"
+    return f"{cell.mean:.2f} ± {std} ({cell.n}{f'; {len(cell.diverged)} diverged' if cell.diverged else ''})"
+
+
+def diverged_note(table: SweepTable) -> str:
+    """The runs of ``table`` that diverged, per method and learning rate, and how they entered it ("" when none)."""
+    cells = [cell for lr in table.lrs for method in table.methods
+             if (cell := table.cells.get((method, lr))) is not None and cell.diverged]
+    if not cells:
+        return ""
+    listed = "; ".join(f"{cell.method} at lr {cell.lr:g}: {len(cell.diverged)} of {cell.n} (seed"
+                       f"{'s' if len(cell.diverged) > 1 else ''} {', '.join(map(str, cell.diverged))})"
+                       for cell in cells)
+    chance = cells[0].values[cells[0].seeds.index(cells[0].diverged[0])]
+    return (f"Diverged runs (a non-finite training loss stopped them): {listed}. Each enters the means and the paired "
+            f"tests at chance level, 100/k % for k classes ({chance:.2f}% here), at every endpoint, whatever its "
+            f"method (docs/guide/comparisons.md); its {layout.FINAL_FILE} says where it diverged.\n")
 
 
 def markdown(table: SweepTable) -> str:
@@ -127,7 +148,8 @@ def markdown(table: SweepTable) -> str:
             f"{table.baseline} (scipy.stats.ttest_rel(method, {table.baseline}, alternative='greater'), pairs matched "
             f"by seed){'; Holm-corrected across the methods of each column' if table.holm else ''}. "
             f"Bold: p ≤ {ALPHA}.\n")
-    return "\n".join(rows) + "\n" + note
+    diverged = diverged_note(table)
+    return "\n".join(rows) + "\n" + note + (f"\n{diverged}" if diverged else "")
 
 
 def _signed(value: float) -> str:
@@ -189,7 +211,7 @@ def latex(table: SweepTable) -> str:
                 parts += ["--", "--"]
                 continue
             std = "n/a" if math.isnan(cell.std) else f"{cell.std:.2f}"
-            text = f"{cell.mean:.2f} $\\pm$ {std}"
+            text = f"{cell.mean:.2f} $\\pm$ {std}" + (f" ({len(cell.diverged)} div.)" if cell.diverged else "")
             if cell.significant(table.holm):
                 text = f"\\textbf{{{text}}}"
             p = cell.p_holm if table.holm else cell.p
@@ -212,7 +234,7 @@ def write_csv(tables: list[SweepTable], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "metric", "method", "lr", "n", "mean", "std", "t", "p", "p_holm",
                          "significant", "baseline", "seeds", "values", "mean_diff", "ci_low", "ci_high", "sd_diff",
-                         "mde", "n_needed_for_observed"])
+                         "mde", "n_needed_for_observed", "diverged", "diverged_seeds"])
         for table in tables:
             for (method, lr), cell in table.cells.items():
                 writer.writerow([table.dataset, table.metric, method, lr, cell.n, f"{cell.mean:.6f}",
@@ -221,7 +243,8 @@ def write_csv(tables: list[SweepTable], path: Path) -> None:
                                  "" if cell.p_holm is None else f"{cell.p_holm:.6g}",
                                  cell.significant(table.holm), table.baseline,
                                  " ".join(map(str, cell.seeds)), " ".join(f"{v:.4f}" for v in cell.values),
-                                 *_power_columns(cell.power)])
+                                 *_power_columns(cell.power), len(cell.diverged),
+                                 " ".join(map(str, cell.diverged))])
 
 
 def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = None, metric: str = "best_val",
