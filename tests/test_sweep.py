@@ -148,3 +148,53 @@ def test_submitit_local_executor_runs_the_same_path(tiny_recipe, tmp_path):
     assert len(status["finished"]) == 1
     assert (tmp_path / "out" / "submitit").is_dir()
     assert sweep_status(specs)["finished"] == status["finished"]
+
+
+# a warm-up that starts at lr 1e5: the loss is NaN within the first epoch (step 4 of the tiny data) for every seed
+DIVERGING = "bn_gamma01+warmup_epochs=1+warmup_lr=100000"
+
+
+@pytest.mark.slow
+def test_diverged_runs_are_kept_reported_and_retried_only_on_request(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    specs = plan_sweep(str(tiny_recipe), f"base,{DIVERGING}", [0.05], [1, 2], out)
+    messages = []
+    status = run_sweep(specs, out, data_cache_dir=str(tmp_path / "cache"), log=messages.append)
+    assert [len(status[name]) for name in ("finished", "diverged", "failed", "interrupted", "pending")] == \
+        [2, 2, 0, 0, 0]
+    assert sum("DIVERGED in epoch 1 at step" in line and "kept, at chance level (33.33%)" in line
+               for line in messages) == 2
+    finals = {p: (p.stat().st_mtime_ns, json.loads(p.read_text())) for p in out.rglob("final.json")}
+    diverged = {p: final for p, (_, final) in finals.items() if final["status"] == "diverged"}
+    assert {p.parent.parent.parent.name for p in diverged} == {DIVERGING.replace("+", "__")}
+    for path, final in diverged.items():
+        assert final["divergence"]["epoch"] == 1 and final["divergence"]["loss"] in ("nan", "inf", "-inf")
+        assert final["test_acc_at_best_val"] == final["test_acc_last"] == pytest.approx(100 / 3)
+        assert not (path.parent / "error.json").exists() and not (path.parent / "checkpoint").exists()
+
+    messages.clear()  # the same sweep again: nothing is re-run, and it says why
+    run_sweep(specs, out, data_cache_dir=str(tmp_path / "cache"), log=messages.append)
+    assert messages == ["4 runs: 2 finished, 0 to resume, 0 to start, 0 failed, 2 diverged (kept; --retry-diverged "
+                        "re-runs them)"]
+    assert {p: p.stat().st_mtime_ns for p in finals} == {p: stamp for p, (stamp, _) in finals.items()}
+    grid = ["--recipe", str(tiny_recipe), "--methods", f"base,{DIVERGING}", "--lr", "0.05", "--seeds", "1-2",
+            "--out", str(out)]
+    assert compare_main(["status", *grid]) == 0
+    assert "finished: 2\ndiverged: 2\n" in capsys.readouterr().out
+
+    assert compare_main(["report", str(out)]) == 0  # plots too: they leave the diverged runs out
+    with open(out / "report" / "report.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    base = [json.loads((out / "base" / "lr0.05" / f"seed{s}" / "final.json").read_text())["test_acc_at_best_val"]
+            for s in (1, 2)]
+    expected = stats.ttest_rel([100 / 3] * 2, base, alternative="greater")  # the rule: chance level in the test
+    assert rows[DIVERGING]["diverged"] == "2" and float(rows[DIVERGING]["mean"]) == pytest.approx(100 / 3)
+    assert rows[DIVERGING]["p"] == "nan" if np.isnan(expected.pvalue) else \
+        float(rows[DIVERGING]["p"]) == pytest.approx(expected.pvalue, rel=1e-5)
+    assert f"Diverged runs (a non-finite training loss stopped them): {DIVERGING} at lr 0.05: 2 of 2 (seeds 1, 2)" \
+        in (out / "report" / "report.md").read_text()
+
+    status = run_sweep(specs, out, retry_diverged=True, data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert len(status["diverged"]) == 2
+    assert all(path.stat().st_mtime_ns != finals[path][0] for path in diverged)  # re-run, and diverged again
+    assert all(finals[path][0] == path.stat().st_mtime_ns for path in finals if path not in diverged)
