@@ -16,6 +16,7 @@ from fake_datasets import make_imagefolder
 from scipy import stats
 
 from timm_bninit.experiment.cli import compare_main
+from timm_bninit.experiment.layout import read_metrics
 from timm_bninit.experiment.recipe import RecipeError
 from timm_bninit.experiment.report import IncompleteSweepError, load_sweep, summarise
 from timm_bninit.experiment.sweep import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
@@ -198,3 +199,37 @@ def test_diverged_runs_are_kept_reported_and_retried_only_on_request(tiny_recipe
     assert len(status["diverged"]) == 2
     assert all(path.stat().st_mtime_ns != finals[path][0] for path in diverged)  # re-run, and diverged again
     assert all(finals[path][0] == path.stat().st_mtime_ns for path in finals if path not in diverged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, signum", [(1, signal.SIGTERM), (2, signal.SIGINT)],
+                         ids=["SIGTERM", "parallel-Ctrl-C"])
+def test_a_stopped_sweep_reports_interrupted_runs_and_the_same_command_resumes_them(tiny_recipe, tmp_path, parallel,
+                                                                                   signum):
+    out = tmp_path / "out"
+    args = ["run", "--recipe", str(tiny_recipe), "--methods", "base", "--lr", "0.05", "--seeds", "1-2", "--set",
+            "epochs=8", "--out", str(out), "--data-cache-dir", str(tmp_path / "cache"), "--parallel", str(parallel)]
+    first = _launch(args, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while not list(out.rglob("trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signum)  # to the sweep's process only (a parallel sweep's workers leave Ctrl-C to it)
+    assert first.wait(timeout=120) == 128 + signum, (tmp_path / "first.log").read_text()
+    log = (tmp_path / "first.log").read_text()
+    name = signal.Signals(signum).name
+    stopped = [line for line in log.splitlines() if f": interrupted by {name} " in line]  # in or after an epoch
+    assert len(stopped) == parallel and all(line.endswith("; re-run the sweep to resume it") for line in stopped), log
+    assert log.strip().splitlines()[-1].startswith(f"interrupted by {name} while the sweep ran: 2 of its runs to "
+                                                   f"resume or start; resume with: python ")
+    assert "FAILED" not in log and not list(out.rglob("error.json")) and not list(out.rglob("final.json"))
+    grid = args[1:args.index("--data-cache-dir")]
+    assert compare_main(["status", *grid]) == 0
+    if parallel > 1:
+        return  # resuming is the same path at any --parallel (and spawning workers is this test's slowest part)
+
+    second = _launch(args, tmp_path / "second.log")
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()
+    for seed in (1, 2):
+        run_dir = out / "base" / "lr0.05" / f"seed{seed}"
+        assert json.loads((run_dir / "final.json").read_text())["status"] == "finished"
+        assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, 9))  # each epoch trained once
