@@ -401,7 +401,7 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_with_exit_code_3(tin
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_run_at_a_step_boundary_and_the_printed_command_resumes_it(tiny_data, tmp_path):
-    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", epochs=8, augmentation="rrc", drop_rate=0.2)
+    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", epochs=5, augmentation="rrc", drop_rate=0.2)
     recipe = _tiny_recipe(tmp_path / "tiny.yaml", config)
     cache = tmp_path / "cache"
     whole = _launch(recipe, tmp_path / "whole", cache)
@@ -415,7 +415,7 @@ def test_ctrl_c_stops_a_run_at_a_step_boundary_and_the_printed_command_resumes_i
     stopped.send_signal(signal.SIGINT)  # Ctrl-C, once
     assert stopped.wait(timeout=120) == 130, _log(tmp_path / "stopped")
     saved = json.loads(state.read_text())["state"]["epoch"]
-    assert 1 <= saved < 8 and not (tmp_path / "stopped" / "final.json").exists()
+    assert 1 <= saved < 5 and not (tmp_path / "stopped" / "final.json").exists()
     assert [m["epoch"] for m in read_metrics(tmp_path / "stopped")] == list(range(1, saved + 1))
     lines = _log(tmp_path / "stopped").strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in lines[0], lines

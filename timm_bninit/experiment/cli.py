@@ -13,7 +13,7 @@ import functools
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import BNInitError
@@ -44,7 +44,7 @@ def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _command(script: str, argv: list[str] | None, extra: list[str] = ()) -> str:
+def _command(script: str, argv: list[str] | None, extra: Sequence[str] = ()) -> str:
     """This command line as a user types it, with ``extra`` arguments, under the launcher of its processes."""
     launcher = ["python"]
     if launched_world_size() > 1:
