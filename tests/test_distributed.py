@@ -1,8 +1,10 @@
 """N-process runs mean what a 1-process run means: a real 2-process CPU (gloo) job through torchrun, against the
 1-process run of the same recipe and seed (the allowed reference for distributed code), killed and resumed."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,9 +114,26 @@ def test_a_data_error_on_two_processes_is_one_line_from_every_rank(recipe, tmp_p
     assert log.count("error: ") == 1 and "timm_bninit" not in log, log
 
 
-def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp_path):
-    changes = ("--set", "epochs=5", "--set", "augmentation=rrc", "--set", "drop_rate=0.2")
-    _run(recipe, tmp_path / "whole", *changes, processes=2)
+CHANGES = ("--set", "epochs=5", "--set", "augmentation=rrc", "--set", "drop_rate=0.2")
+
+
+@pytest.fixture(scope="module")
+def whole(recipe, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run that a killed and a stopped run, once resumed, must equal."""
+    run_dir = tmp_path_factory.mktemp("whole") / "whole"
+    _run(recipe, run_dir, *CHANGES, processes=2)
+    return run_dir
+
+
+def _equal_to_the_whole_run(run_dir: Path, whole: Path) -> None:
+    expected, got = (json.loads((d / "final.json").read_text()) for d in (whole, run_dir))
+    for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "num_updates"):
+        assert got[key] == expected[key], key
+    assert [m["train_loss"] for m in read_metrics(run_dir)] == [m["train_loss"] for m in read_metrics(whole)]
+
+
+def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, whole, tmp_path):
+    changes = CHANGES
     killed = _launch(recipe, tmp_path / "killed", *changes, processes=2)
     kill_after_checkpoint(killed, tmp_path / "killed", epoch=2, timeout=300)
     subprocess.run(["pkill", "-9", "-f", str(tmp_path / "killed")], check=False)  # the launcher's workers too
@@ -136,11 +155,47 @@ def test_two_process_run_killed_mid_epoch_resumes_to_the_same_result(recipe, tmp
     (tmp_path / "killed" / "checkpoint" / "random_states_1.pkl").unlink()
     log = _run(recipe, tmp_path / "killed", *changes, "--resume", processes=2)
     assert log.count(f"resuming from checkpoint.previous (epoch {saved - 1})") == 1, log  # said once, by rank 0
-    whole, got = (json.loads((tmp_path / d / "final.json").read_text()) for d in ("whole", "killed"))
-    for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "num_updates"):
-        assert got[key] == whole[key], key
-    assert [m["train_loss"] for m in read_metrics(tmp_path / "killed")] == \
-        [m["train_loss"] for m in read_metrics(tmp_path / "whole")]
+    _equal_to_the_whole_run(tmp_path / "killed", whole)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The process id of torchrun's worker of ``rank`` (read from /proc: its children and their environment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        for pid in children:
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun {launcher.pid} started no rank {rank}")
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_same_result(recipe, whole, tmp_path):
+    stopped = _launch(recipe, tmp_path / "stopped", *CHANGES, processes=2)
+    state = tmp_path / "stopped" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    # as Slurm signals the tasks it launched (srun), but to rank 1 alone: rank 0 learns it at the next read, from the
+    # collective that carries the request, so both stop at the same step, and rank 0 says where
+    os.kill(_rank_pid(stopped, 1), signal.SIGTERM)
+    assert stopped.wait(timeout=300) != 0  # torchrun reports its workers' exit code 143 as a failure
+    log = (tmp_path / f"stopped{len(CHANGES)}.log").read_text()
+    lines = [line for line in log.splitlines() if "interrupted by SIGTERM" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'stopped'}: interrupted by SIGTERM "), log
+    # torchrun's report: both ranks left through the stop (128 + 15), none crashed at a collective the other
+    # never reached, and neither printed a traceback
+    assert log.count("exitcode  : 143") == 2 and "timm_bninit" not in log, log
+    saved = json.loads(state.read_text())["state"]["epoch"]
+    assert 1 <= saved < 5 and not (tmp_path / "stopped" / "final.json").exists()
+    assert f"its checkpoint after epoch {saved} is intact; resume with: torchrun --nproc_per_node 2 " in lines[0]
+    assert lines[0].endswith(" --resume")
+    assert {p.name for p in (tmp_path / "stopped" / "checkpoint").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    _run(recipe, tmp_path / "stopped", *CHANGES, "--resume", processes=2)
+    _equal_to_the_whole_run(tmp_path / "stopped", whole)
 
 
 def test_runs_with_different_precision_follow_each_other_in_one_process(recipe, tmp_path):

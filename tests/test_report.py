@@ -361,3 +361,38 @@ def test_the_new_sections_appear_only_for_runs_that_recorded_them(tmp_path):
     write_report(new, tmp_path / "off", plots=False, baseline=SHORT, curves=False)
     off = (tmp_path / "off" / "report.md").read_text()
     assert "### Learning curves" not in off and "### Did γ move?" in off
+
+
+def test_diverged_runs_are_counted_listed_and_enter_the_test_at_chance_level(tmp_path):
+    # what a run writes when it diverges (train.py): status, where, and chance level, 100/k, in every accuracy
+    chance = 100.0 / 3
+    base, new = [70.0, 72.0, 71.0, 69.0], [74.0, chance, 73.5, chance]  # seeds 2 and 4 of "new" diverged
+    out = _power_sweep(tmp_path / "sweep", {("base", 0.1): base, ("new", 0.1): new}, [1, 2, 3, 4])
+    for seed in (2, 4):
+        run_dir = layout.sweep_run_dir(out, "new", 0.1, seed)
+        layout.write_final(run_dir, {"test_acc_at_best_val": chance, "test_acc_last": chance, "status": "diverged",
+                                     "divergence": {"epoch": 3, "step": 5, "loss": "nan", "chance_acc": chance}})
+        assert layout.run_status(run_dir) == "diverged"
+    assert layout.run_status(layout.sweep_run_dir(out, "new", 0.1, 1)) == "finished"
+    write_report(out, tmp_path / "report", plots=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    expected = stats.ttest_rel(new, base, alternative="greater")
+    row = next(line for line in md.splitlines() if line.startswith("| new |"))
+    assert f"{np.mean(new):.2f} ± {np.std(new, ddof=1):.2f} (4; 2 diverged)" in row
+    assert f"| {expected.pvalue:.3g} |" in row
+    assert "(4)" in next(line for line in md.splitlines() if line.startswith("| base (baseline) |"))
+    assert "Diverged runs (a non-finite training loss stopped them): new at lr 0.1: 2 of 4 (seeds 2, 4)" in md
+    assert "at chance level, 100/k % for k classes (33.33% here), at every endpoint" in md
+    with open(tmp_path / "report" / "report.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert (rows["new"]["diverged"], rows["new"]["diverged_seeds"]) == ("2", "2 4")
+    assert (rows["base"]["diverged"], rows["base"]["diverged_seeds"]) == ("0", "")
+    assert float(rows["new"]["p"]) == pytest.approx(expected.pvalue, rel=1e-5)
+    assert "(2 div.)" in (tmp_path / "report" / "report_fake.tex").read_text()
+
+
+def test_a_sweep_without_diverged_runs_has_no_note(tmp_path):
+    out = _power_sweep(tmp_path / "sweep", {("base", 0.1): POWER_BASE, ("better", 0.1): POWER_NEW}, [1, 2, 3, 4, 5])
+    write_report(out, tmp_path / "report", plots=False)
+    assert "iverged" not in (tmp_path / "report" / "report.md").read_text()
+    assert "iverged" not in (tmp_path / "report" / "report.csv").read_text()  # the columns come with a diverged run

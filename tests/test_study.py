@@ -163,7 +163,7 @@ def test_the_study_writes_each_part_report_with_its_options(tmp_path, monkeypatc
 
     calls = {}
     monkeypatch.setattr(study, "plan_sweep", lambda *args, **kwargs: [])
-    monkeypatch.setattr(study, "run_sweep", lambda *args, **kwargs: {"finished": []})
+    monkeypatch.setattr(study, "run_sweep", lambda *args, **kwargs: {"finished": [], "diverged": []})
     monkeypatch.setattr(study, "_summaries", lambda out: [])
 
     def write_report(out, report_dir, **options):

@@ -16,6 +16,7 @@ from fake_datasets import make_imagefolder
 from scipy import stats
 
 from timm_bninit.experiment.cli import compare_main, finetune_main
+from timm_bninit.experiment.layout import read_metrics
 from timm_bninit.experiment.recipe import RecipeError
 from timm_bninit.experiment.report import IncompleteSweepError, load_sweep, summarise
 from timm_bninit.experiment.sweep import parse_methods, parse_seeds, plan_sweep, run_sweep, sweep_status
@@ -191,3 +192,87 @@ def test_a_run_started_by_hand_inside_a_running_sweep_is_refused(tiny_recipe, tm
     assert code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run_dir} is being trained by pid {sweep.pid} on host "), err
+
+
+# a warm-up that starts at lr 1e5: the loss is NaN within the first epoch (step 4 of the tiny data) for every seed
+DIVERGING = "bn_gamma01+warmup_epochs=1+warmup_lr=100000"
+
+
+@pytest.mark.slow
+def test_diverged_runs_are_kept_reported_and_retried_only_on_request(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    specs = plan_sweep(str(tiny_recipe), f"base,{DIVERGING}", [0.05], [1, 2], out)
+    messages = []
+    status = run_sweep(specs, out, data_cache_dir=str(tmp_path / "cache"), log=messages.append)
+    assert [len(status[name]) for name in ("finished", "diverged", "failed", "interrupted", "pending")] == \
+        [2, 2, 0, 0, 0]
+    assert sum("DIVERGED in epoch 1 at step" in line and "kept, at chance level (33.33%)" in line
+               for line in messages) == 2
+    finals = {p: (p.stat().st_mtime_ns, json.loads(p.read_text())) for p in out.rglob("final.json")}
+    diverged = {p: final for p, (_, final) in finals.items() if final["status"] == "diverged"}
+    assert {p.parent.parent.parent.name for p in diverged} == {DIVERGING.replace("+", "__")}
+    for path, final in diverged.items():
+        assert final["divergence"]["epoch"] == 1 and final["divergence"]["loss"] in ("nan", "inf", "-inf")
+        assert final["test_acc_at_best_val"] == final["test_acc_last"] == pytest.approx(100 / 3)
+        assert not (path.parent / "error.json").exists() and not (path.parent / "checkpoint").exists()
+
+    messages.clear()  # the same sweep again: nothing is re-run, and it says why
+    run_sweep(specs, out, data_cache_dir=str(tmp_path / "cache"), log=messages.append)
+    assert messages == ["4 runs: 2 finished, 0 to resume, 0 to start, 0 failed, 2 diverged (kept; --retry-diverged "
+                        "re-runs them)"]
+    assert {p: p.stat().st_mtime_ns for p in finals} == {p: stamp for p, (stamp, _) in finals.items()}
+    grid = ["--recipe", str(tiny_recipe), "--methods", f"base,{DIVERGING}", "--lr", "0.05", "--seeds", "1-2",
+            "--out", str(out)]
+    assert compare_main(["status", *grid]) == 0
+    assert "finished: 2\ndiverged: 2\n" in capsys.readouterr().out
+
+    assert compare_main(["report", str(out)]) == 0  # plots too: they leave the diverged runs out
+    with open(out / "report" / "report.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    base = [json.loads((out / "base" / "lr0.05" / f"seed{s}" / "final.json").read_text())["test_acc_at_best_val"]
+            for s in (1, 2)]
+    expected = stats.ttest_rel([100 / 3] * 2, base, alternative="greater")  # the rule: chance level in the test
+    assert rows[DIVERGING]["diverged"] == "2" and float(rows[DIVERGING]["mean"]) == pytest.approx(100 / 3)
+    assert rows[DIVERGING]["p"] == "nan" if np.isnan(expected.pvalue) else \
+        float(rows[DIVERGING]["p"]) == pytest.approx(expected.pvalue, rel=1e-5)
+    assert f"Diverged runs (a non-finite training loss stopped them): {DIVERGING} at lr 0.05: 2 of 2 (seeds 1, 2)" \
+        in (out / "report" / "report.md").read_text()
+
+    status = run_sweep(specs, out, retry_diverged=True, data_cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    assert len(status["diverged"]) == 2
+    assert all(path.stat().st_mtime_ns != finals[path][0] for path in diverged)  # re-run, and diverged again
+    assert all(finals[path][0] == path.stat().st_mtime_ns for path in finals if path not in diverged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, signum", [(1, signal.SIGTERM), (2, signal.SIGINT)],
+                         ids=["SIGTERM", "parallel-Ctrl-C"])
+def test_a_stopped_sweep_reports_interrupted_runs_and_the_same_command_resumes_them(tiny_recipe, tmp_path, parallel,
+                                                                                   signum):
+    out = tmp_path / "out"
+    args = ["run", "--recipe", str(tiny_recipe), "--methods", "base", "--lr", "0.05", "--seeds", "1-2", "--set",
+            "epochs=5", "--out", str(out), "--data-cache-dir", str(tmp_path / "cache"), "--parallel", str(parallel)]
+    first = _launch(args, tmp_path / "first.log")
+    deadline = time.time() + 300
+    while not list(out.rglob("trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signum)  # to the sweep's process only (a parallel sweep's workers leave Ctrl-C to it)
+    assert first.wait(timeout=120) == 128 + signum, (tmp_path / "first.log").read_text()
+    log = (tmp_path / "first.log").read_text()
+    name = signal.Signals(signum).name
+    stopped = [line for line in log.splitlines() if f": interrupted by {name} " in line]  # in or after an epoch
+    assert len(stopped) == parallel and all(line.endswith("; re-run the sweep to resume it") for line in stopped), log
+    assert log.strip().splitlines()[-1].startswith(f"interrupted by {name} while the sweep ran: 2 of its runs to "
+                                                   f"resume or start; resume with: python ")
+    assert "FAILED" not in log and not list(out.rglob("error.json")) and not list(out.rglob("final.json"))
+    grid = args[1:args.index("--data-cache-dir")]
+    assert compare_main(["status", *grid]) == 0
+    if parallel > 1:
+        return  # resuming is the same path at any --parallel (and spawning workers is this test's slowest part)
+
+    second = _launch(args, tmp_path / "second.log")
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()
+    for seed in (1, 2):
+        run_dir = out / "base" / "lr0.05" / f"seed{seed}"
+        assert json.loads((run_dir / "final.json").read_text())["status"] == "finished"
+        assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(1, 6))  # each epoch trained once

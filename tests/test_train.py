@@ -2,8 +2,11 @@
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -464,3 +467,83 @@ def test_the_initial_gammas_are_written_once(tmp_path):
     layout.write_initial_gammas(tmp_path, {"bn1": [0.5, 0.5]})  # a restart rebuilds the same model: keep the first
     assert layout.read_initial_gammas(tmp_path) == {"bn1": [0.1, 0.1]}
     assert layout.read_initial_gammas(tmp_path / "elsewhere") is None
+
+
+def test_the_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as done:
+        finetune_main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 the run diverged" in text and "130 or 143 stopped by Ctrl-C (SIGINT) or SIGTERM" in text
+
+
+def _tiny_recipe(path: Path, config) -> Path:
+    path.write_text(yaml.safe_dump({k: v for k, v in config.to_dict().items() if k != "recipe"}))
+    return path
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_with_exit_code_3(tiny_data, tmp_path, capsys):
+    # the issue's `--set lr=50` on the demo recipe, on the tiny data set: a learning rate at which the loss is NaN
+    # within the first epoch (4 steps of 6 images here)
+    recipe = _tiny_recipe(tmp_path / "tiny.yaml", tiny_config(tiny_data, tmp_path, epochs=2))
+    run_dir = tmp_path / "run"
+    code = finetune_main(["--recipe", str(recipe), "--set", "lr=100000", "--run-dir", str(run_dir),
+                          "--data-cache-dir", str(tmp_path / "cache"), "--quiet"])
+    final = json.loads((run_dir / "final.json").read_text())
+    where = final["divergence"]
+    assert code == 3 and final["status"] == "diverged"
+    # step 1 runs on the initial weights (loss ≈ ln 3); the buffer is read at the end of the 4-step epoch
+    assert where["epoch"] == 1 and 2 <= where["step"] <= final["num_updates"] == 4
+    assert where["loss"] in ("nan", "inf", "-inf") and where["epochs_completed"] == 0 and where["before"] is None
+    err = capsys.readouterr().err.splitlines()  # (the data set's first build draws progress bars there too)
+    assert [line for line in err if "diverged" in line] == [
+        f"{run_dir}: diverged in epoch 1 at step {where['step']} (training loss {where['loss']}), so it stopped there; "
+        f"final.json records it with every accuracy at chance level (33.33%). Try a lower lr or a warm-up"]
+    # the rule of docs/guide/comparisons.md: chance level, 100/k for k = 3 classes, at every endpoint
+    for key in ("test_acc_at_best_val", "test_acc_last", "best_val_acc", "val_acc_last"):
+        assert final[key] == 100 / 3, key
+    assert final["best_epoch"] is None and final["gamma_clamp"] == []
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "final.json"]  # no epoch finished
+    # finished: never trained again; --resume returns it, with the same exit code
+    assert finetune_main(["--recipe", str(recipe), "--set", "lr=100000", "--run-dir", str(run_dir), "--resume",
+                          "--quiet"]) == 3
+    assert json.loads((run_dir / "final.json").read_text()) == final
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_at_a_step_boundary_and_the_printed_command_resumes_it(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, norm_layer="rbn", epochs=5, augmentation="rrc", drop_rate=0.2)
+    recipe = _tiny_recipe(tmp_path / "tiny.yaml", config)
+    cache = tmp_path / "cache"
+    whole = _launch(recipe, tmp_path / "whole", cache)
+    assert whole.wait(timeout=300) == 0, _log(tmp_path / "whole")
+
+    stopped = _launch(recipe, tmp_path / "stopped", cache)
+    state = tmp_path / "stopped" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not state.is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    stopped.send_signal(signal.SIGINT)  # Ctrl-C, once
+    assert stopped.wait(timeout=120) == 130, _log(tmp_path / "stopped")
+    saved = json.loads(state.read_text())["state"]["epoch"]
+    assert 1 <= saved < 5 and not (tmp_path / "stopped" / "final.json").exists()
+    assert [m["epoch"] for m in read_metrics(tmp_path / "stopped")] == list(range(1, saved + 1))
+    lines = _log(tmp_path / "stopped").strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    line = lines[0]
+    assert line.startswith(f"{tmp_path / 'stopped'}: interrupted by SIGINT ")
+    assert f"its checkpoint after epoch {saved} is intact; resume with: python " in line
+
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command[-1] == "--resume" and command[1] == str(ROOT / "scripts" / "finetune.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    resumed = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    expected = json.loads((tmp_path / "whole" / "final.json").read_text())
+    got = json.loads((tmp_path / "stopped" / "final.json").read_text())
+    for key in ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "num_updates",
+                "status"):
+        assert got[key] == expected[key], key
+    assert [m["train_loss"] for m in read_metrics(tmp_path / "stopped")] == \
+        [m["train_loss"] for m in read_metrics(tmp_path / "whole")]

@@ -1,21 +1,26 @@
 """The command lines of ``scripts/finetune.py``, ``scripts/compare.py``, ``scripts/study.py`` and ``scripts/export.py``.
 
 Every project error (:class:`timm_bninit.errors.BNInitError`) is caught in one place, :func:`_one_line_errors`, and
-printed as one line on stderr with exit code 2: never a traceback.
+printed as one line on stderr with exit code 2: never a traceback. A run or sweep stopped by SIGTERM or SIGINT says in
+one line how to resume it and exits with 128 + the signal's number; finetune.py exits with 3 when the run diverged
+(:mod:`.stopping`).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import BNInitError
-from .distributed import is_main_process, shared_run_dir
-from .layout import ERROR_FILE, RunError, default_run_dir
+from .distributed import is_main_process, launched_world_size, shared_run_dir
+from .layout import ERROR_FILE, FINAL_FILE, RunError, default_run_dir, is_diverged
 from .recipe import RecipeError, apply_overrides, check_config, keys_text, list_recipes, load_recipe
+from .stopping import DIVERGED_EXIT_CODE, RunInterrupted, interrupted_exit_code, stop_on_signals
 from .train import run_finetune
 
 # compare.py's and study.py's modules (report, power, sweep, study) are imported where those commands start: at the
@@ -39,11 +44,36 @@ def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+def _command(script: str, argv: list[str] | None, extra: Sequence[str] = ()) -> str:
+    """This command line as a user types it, with ``extra`` arguments, under the launcher of its processes."""
+    launcher = ["python"]
+    if launched_world_size() > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", launched_world_size()))
+        nodes = launched_world_size() // local
+        launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc_per_node", str(local)]
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join([*launcher, sys.argv[0] if argv is None else script, *args, *extra])
+
+
+def _stopped(stop: RunInterrupted, command: str) -> int:
+    """Say (once) what a signal stopped and the command that resumes it; the exit code 128 + signal."""
+    if is_main_process():
+        print(f"{stop}; resume with: {command}", file=sys.stderr)
+    return interrupted_exit_code(stop.signum)
+
+
+EXIT_CODES = (f"exit codes: 0 finished; 1 an unexpected error (a traceback); 2 a bad recipe, argument or data set (one "
+              f"line, before any work); {DIVERGED_EXIT_CODE} the run diverged (a non-finite training loss stopped it; "
+              f"its {FINAL_FILE} says where); 130 or 143 stopped by Ctrl-C (SIGINT) or SIGTERM at a step boundary "
+              f"(128 + the signal: its last checkpoint is intact, and the line printed says how to resume)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune.py",
         description="Fine-tune (or train from scratch) a timm model with a BN variant. Hyper-parameters live in a "
                     "recipe (recipes/*.yaml); any key can be overridden with --set key=value.",
+        epilog=EXIT_CODES,
     )
     parser.add_argument("--recipe", default="demo",
                         help="recipe name in recipes/ or a path to a .yaml file (default: demo, offline on a CPU)")
@@ -82,7 +112,20 @@ def finetune_main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else shared_run_dir(default_run_dir(config, args.output_dir))
     if is_main_process() and not args.quiet:
         print(f"run directory: {run_dir}")
-    final = run_finetune(config, run_dir, resume=args.resume, quiet=args.quiet, data_cache_dir=args.data_cache_dir)
+    with stop_on_signals():  # held until the line is printed: a launcher's own SIGTERM must not cut it off
+        try:
+            final = run_finetune(config, run_dir, resume=args.resume, quiet=args.quiet,
+                                 data_cache_dir=args.data_cache_dir)
+        except RunInterrupted as stop:
+            return _stopped(stop, _command("scripts/finetune.py", argv, [
+                *(["--run-dir", str(run_dir)] if not args.run_dir else []), *([] if args.resume else ["--resume"])]))
+    if is_diverged(final):
+        where = final["divergence"]
+        if is_main_process():
+            print(f"{run_dir}: diverged in epoch {where['epoch']} at step {where['step']} (training loss "
+                  f"{where['loss']}), so it stopped there; {FINAL_FILE} records it with every accuracy at chance level "
+                  f"({where['chance_acc']:.2f}%). Try a lower lr or a warm-up", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     if is_main_process():
         print(f"{run_dir}: test accuracy {final['test_acc_at_best_val']:.2f}% at the best-validation epoch "
               f"{final['best_epoch']}, {final['test_acc_last']:.2f}% at the last epoch")
@@ -116,9 +159,13 @@ def _compare_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="submitit Slurm parameter, e.g. --slurm slurm_partition=gpu --slurm timeout_min=600")
     run.add_argument("--retry-failed", action="store_true", help=f"re-run runs that failed ({ERROR_FILE})")
+    run.add_argument("--retry-diverged", action="store_true",
+                     help="re-run, from the start, runs that diverged (kept as results otherwise: docs/guide/"
+                          "comparisons.md says how they enter the report)")
     run.add_argument("--data-cache-dir", help="cache for built data sets")
 
-    status = commands.add_parser("status", help="show which runs of the grid are finished, failed or pending")
+    status = commands.add_parser("status", help="show which runs of the grid are finished, diverged, failed, "
+                                                "interrupted or pending")
     grid(status)
 
     report = commands.add_parser("report", help="tables (Markdown, CSV, LaTeX) and plots of a sweep")
@@ -189,10 +236,18 @@ def compare_main(argv: list[str] | None = None) -> int:
     if bad:
         raise RecipeError(f"--slurm {bad[0]!r} is not KEY=VALUE (e.g. --slurm slurm_partition=gpu)")
     slurm = dict(item.split("=", 1) for item in args.slurm)
-    final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
-                      executor=args.executor, data_cache_dir=args.data_cache_dir, slurm=slurm)
+    with stop_on_signals():  # held until the line is printed
+        try:
+            final = run_sweep(specs, args.out, parallel=args.parallel, retry_failed=args.retry_failed,
+                              retry_diverged=args.retry_diverged, executor=args.executor,
+                              data_cache_dir=args.data_cache_dir, slurm=slurm)
+        except RunInterrupted as stop:
+            return _stopped(stop, _command("scripts/compare.py", argv))
     unfinished = len(final["failed"]) + len(final["pending"]) + len(final["interrupted"])
-    print(f"{len(final['finished'])} of {len(specs)} runs finished" +
+    diverged = len(final["diverged"])
+    print(f"{len(final['finished']) + diverged} of {len(specs)} runs finished"
+          + (f" ({diverged} diverged: kept, at chance level in the report; --retry-diverged re-runs them)"
+             if diverged else "") +
           (f"; {unfinished} not: re-run the same command to resume interrupted ones, and see the {ERROR_FILE} of "
            f"failed ones (--retry-failed re-runs them)" if unfinished else ""))
     return 1 if unfinished else 0
@@ -224,7 +279,11 @@ def study_main(argv: list[str] | None = None) -> int:
     from .study import run_study
 
     out, report_dir = study_dirs(args.study, args.out, args.report_dir)
-    record = run_study(args.study, out, report_dir, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
+    with stop_on_signals():  # held until the line is printed
+        try:
+            record = run_study(args.study, out, report_dir, parallel=args.parallel, data_cache_dir=args.data_cache_dir)
+        except RunInterrupted as stop:
+            return _stopped(stop, _command("scripts/study.py", argv))
     print(f"study finished in {record['wall_seconds_this_invocation'] / 60:.1f} min on {record['machine']['cores']} "
           f"cores ({record['machine']['cpu']}); reports in {report_dir}")
     return 0

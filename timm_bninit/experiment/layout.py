@@ -6,7 +6,7 @@ copied results folder without importing training. A run directory::
     config.yaml          the resolved recipe
     metrics.jsonl        one line per epoch (METRICS_KEYS)
     initial_gammas.json  every BN γ when the run started (written once; a resume keeps it)
-    final.json           the result (FINAL_KEYS); its presence means "finished"
+    final.json           the result (FINAL_KEYS); its presence means "finished" (its status: finished or diverged)
     error.json           a sweep's record of a failed run
     best_model.safetensors, last_model.safetensors
                          the evaluated weights (the EMA's, with one) of the best-validation and of the last epoch
@@ -51,7 +51,7 @@ __all__ = [
     "read_metrics", "append_metrics", "truncate_metrics", "read_gammas", "write_model_info",
     "read_model_info", "write_config", "read_config", "read_error",
     "write_error", "clear_error", "sweep_run_dir", "default_run_dir", "write_plan", "read_plan", "sweep_runs",
-    "check_new_run_dir",
+    "check_new_run_dir", "is_diverged", "clear_diverged",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -82,7 +82,8 @@ PROTOCOL_FILE = "protocol.yaml"      # a study folder's protocol: seeds and part
 # Keys of final.json, as a run writes them; the report's metrics are two of them
 FINAL_KEYS = ("test_acc_at_best_val", "best_epoch", "best_val_acc", "test_acc_last", "val_acc_last", "selection",
               "epochs", "seed", "method", "initial_effective_scale", "gamma_clamp", "train_images_per_s",
-              "train_seconds", "wall_seconds_this_session", "num_updates", "data", "environment", "gamma_change")
+              "train_seconds", "wall_seconds_this_session", "num_updates", "data", "environment", "gamma_change",
+              "status", "divergence")
 # Keys of a metrics.jsonl line; val_acc and val_loss are None without a validation split. The losses are the mean
 # plain cross-entropy over the split, from the same pass (and BN statistics) as the accuracies
 METRICS_KEYS = ("epoch", "train_loss", "val_acc", "test_acc", "val_loss", "test_loss", "lr", "lr_gamma", "lrs",
@@ -130,10 +131,11 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def run_status(run_dir: str | os.PathLike) -> str:
-    """``finished`` (final.json), ``failed`` (error.json), ``interrupted`` (a checkpoint or metrics) or ``pending``."""
+    """``finished`` or ``diverged`` (final.json), ``failed`` (error.json), ``interrupted`` (a checkpoint or metrics) or
+    ``pending``."""
     run_dir = Path(run_dir)
     if (run_dir / FINAL_FILE).is_file():
-        return "finished"
+        return "diverged" if is_diverged(read_final(run_dir)) else "finished"
     if (run_dir / ERROR_FILE).is_file():
         return "failed"
     if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / METRICS_FILE).exists():
@@ -149,6 +151,18 @@ def read_final(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_final(run_dir: Path, final: dict[str, Any]) -> None:
     write_json(run_dir / FINAL_FILE, final)
+
+
+def is_diverged(final: dict[str, Any] | None) -> bool:
+    """Whether a ``final.json`` records a run that diverged (its ``divergence`` says where); one written before runs
+    had a status finished."""
+    return final is not None and final.get("status") == "diverged"
+
+
+def clear_diverged(run_dir: str | os.PathLike) -> None:
+    """Forget a diverged run's result, so that it runs again (a finished run's is never removed)."""
+    if is_diverged(read_final(run_dir)):
+        (Path(run_dir) / FINAL_FILE).unlink()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

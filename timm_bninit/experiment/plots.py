@@ -44,9 +44,11 @@ DPI = 110
 
 
 def _grouped(runs: list[dict[str, Any]]) -> Groups:
+    """The runs that trained to their end, by data set, method and lr: a diverged run has no curve to its last epoch
+    and no γ to analyse (it is in the tables, and so in the estimation plot, at chance level)."""
     groups: Groups = defaultdict(list)
     for run in runs:
-        if run["final"] is not None:
+        if run["final"] is not None and not layout.is_diverged(run["final"]):
             groups[(run.get("dataset", "?"), run["method"], run["lr"])].append(run)
     return groups
 
@@ -341,7 +343,9 @@ def plot_sweep(runs: list[dict[str, Any]], folder: Path, tables: list[SweepTable
     written = []
     for dataset in sorted({key[0] for key in groups}):
         keys = [k for k in groups if k[0] == dataset]
-        methods = list(dict.fromkeys(k[1] for k in keys))
+        # the tables' methods too: one whose every run diverged has no group, but a colour in the estimation plot
+        methods = list(dict.fromkeys([m for t in tables if t.dataset == dataset for m in t.methods] +
+                                     [k[1] for k in keys]))
         lrs = sorted({k[2] for k in keys}, reverse=True)
         colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
         labels = next((dict(t.labels) for t in tables if t.dataset == dataset), {})

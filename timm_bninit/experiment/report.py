@@ -5,7 +5,11 @@ table a power section: each method's mean difference to the baseline with its 95
 detects with 80% power, and the seeds that would detect the observed difference (:mod:`.power`); two-sided, also
 whether the CI excludes 0. When the runs recorded them, sections on what the runs did follow (:mod:`.convergence`):
 how far γ moved, and the learning curves with a convergence table. Methods can be shown by readable labels
-(``labels``); the CSV keeps the method strings. :func:`plan_from_pilot` plans a study from a pilot sweep."""
+(``labels``); the CSV keeps the method strings. :func:`plan_from_pilot` plans a study from a pilot sweep.
+
+A run that diverged enters every table and test with the accuracies its ``final.json`` holds, chance level (the rule of
+docs/guide/comparisons.md, applied when the run ended, the same for every method); each cell counts its diverged runs,
+and a note under the table lists them."""
 
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ from .power import (
 from .tables import ALPHA, Cell, SweepTable, ci_verdict, format_p
 
 __all__ = ["IncompleteSweepError", "ReportInputError", "Cell", "SweepTable", "PilotRow", "load_sweep", "summarise",
-           "holm", "write_report", "power_markdown", "plan_from_pilot", "pilot_plan_text", "read_labels",
-           "check_labels", "METRICS", "ALTERNATIVES"]
+           "holm", "diverged_note", "write_report", "power_markdown", "plan_from_pilot", "pilot_plan_text",
+           "read_labels", "check_labels", "METRICS", "ALTERNATIVES"]
 
 METRICS = layout.RESULT_METRICS
 POWER = 0.8                 # the target power of every MDE and seed count in a report
@@ -110,7 +114,9 @@ def summarise(runs: list[dict[str, Any]], metric: str = "best_val", baseline: st
                                 key=lambda r: r["seed"])
                 if chosen:
                     table.cells[(method, lr)] = Cell(method, lr, [r["seed"] for r in chosen],
-                                                     [float(r["final"][METRICS[metric]]) for r in chosen])
+                                                     [float(r["final"][METRICS[metric]]) for r in chosen],
+                                                     diverged=[r["seed"] for r in chosen
+                                                               if layout.is_diverged(r["final"])])
         for lr in lrs:
             _test_column(table, lr)
         tables.append(table)
@@ -175,7 +181,22 @@ def _cell_text(cell: Cell | None) -> str:
     if cell is None:
         return "—"
     std = "n/a" if math.isnan(cell.std) else f"{cell.std:.2f}"
-    return f"{cell.mean:.2f} ± {std} ({cell.n})"
+    return f"{cell.mean:.2f} ± {std} ({cell.n}{f'; {len(cell.diverged)} diverged' if cell.diverged else ''})"
+
+
+def diverged_note(table: SweepTable) -> str:
+    """The runs of ``table`` that diverged, per method and learning rate, and how they entered it ("" when none)."""
+    cells = [cell for lr in table.lrs for method in table.methods
+             if (cell := table.cells.get((method, lr))) is not None and cell.diverged]
+    if not cells:
+        return ""
+    listed = "; ".join(f"{cell.method} at lr {cell.lr:g}: {len(cell.diverged)} of {cell.n} (seed"
+                       f"{'s' if len(cell.diverged) > 1 else ''} {', '.join(map(str, cell.diverged))})"
+                       for cell in cells)
+    chance = cells[0].values[cells[0].seeds.index(cells[0].diverged[0])]
+    return (f"Diverged runs (a non-finite training loss stopped them): {listed}. Each enters the means and the paired "
+            f"tests at chance level, 100/k % for k classes ({chance:.2f}% here), at every endpoint, whatever its "
+            f"method (docs/guide/comparisons.md); its {layout.FINAL_FILE} says where it diverged.\n")
 
 
 def markdown(table: SweepTable) -> str:
@@ -199,7 +220,8 @@ def markdown(table: SweepTable) -> str:
     note = (f"\n{table.dataset}: top-1 {metric}, mean ± sample std (n seeds). p: {sided} paired t-test against "
             f"{table.label(table.baseline)} ({test}, pairs matched by seed){holm}. Bold: p ≤ {ALPHA}."
             f"{_labels_note(table)}\n")
-    return "\n".join(rows) + "\n" + note
+    diverged = diverged_note(table)
+    return "\n".join(rows) + "\n" + note + (f"\n{diverged}" if diverged else "")
 
 
 def _labels_note(table: SweepTable) -> str:
@@ -284,7 +306,7 @@ def latex(table: SweepTable) -> str:
                 parts += ["--", "--"]
                 continue
             std = "n/a" if math.isnan(cell.std) else f"{cell.std:.2f}"
-            text = f"{cell.mean:.2f} $\\pm$ {std}"
+            text = f"{cell.mean:.2f} $\\pm$ {std}" + (f" ({len(cell.diverged)} div.)" if cell.diverged else "")
             if cell.significant(table.holm):
                 text = f"\\textbf{{{text}}}"
             p = cell.p_holm if table.holm else cell.p
@@ -304,19 +326,22 @@ def _power_columns(summary: PowerSummary | None) -> list[str]:
 
 def write_csv(tables: list[SweepTable], path: Path) -> None:
     """``report.csv``: one row per method and learning rate; ``method`` is always the method string. A report with
-    labels adds a ``label`` column, a two-sided one ``alternative`` and ``ci_excludes_zero``, after the others (a
-    default report's columns are exactly as they have always been)."""
+    diverged runs adds ``diverged`` and ``diverged_seeds`` columns, one with labels a ``label`` column, a two-sided
+    one ``alternative`` and ``ci_excludes_zero``, after the others (a default report's columns are exactly as they
+    have always been)."""
+    with_diverged = any(cell.diverged for table in tables for cell in table.cells.values())
     labelled = any(table.labels for table in tables)
     two_sided = any(table.alternative == "two-sided" for table in tables)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "metric", "method", "lr", "n", "mean", "std", "t", "p", "p_holm",
                          "significant", "baseline", "seeds", "values", "mean_diff", "ci_low", "ci_high", "sd_diff",
-                         "mde", "n_needed_for_observed"] + (["label"] if labelled else []) +
-                        (["alternative", "ci_excludes_zero"] if two_sided else []))
+                         "mde", "n_needed_for_observed"] + (["diverged", "diverged_seeds"] if with_diverged else [])
+                        + (["label"] if labelled else []) + (["alternative", "ci_excludes_zero"] if two_sided else []))
         for table in tables:
             for (method, lr), cell in table.cells.items():
-                extra = ([table.label(method)] if labelled else []) + (
+                extra = ([len(cell.diverged), " ".join(map(str, cell.diverged))] if with_diverged else []) + (
+                    [table.label(method)] if labelled else []) + (
                     [table.alternative, "" if cell.power is None else ci_verdict(cell.power)] if two_sided else [])
                 writer.writerow([table.dataset, table.metric, method, lr, cell.n, f"{cell.mean:.6f}",
                                  f"{cell.std:.6f}", "" if cell.t is None else f"{cell.t:.6f}",

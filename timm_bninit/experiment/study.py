@@ -125,14 +125,17 @@ def run_study(protocol_path: str | os.PathLike, out: str | os.PathLike, docs: st
         if part.get("pretrain"):
             pretrain_dir = out / f"{name}_pretrain"
             log(f"[{name}] pretraining {part['pretrain']} into {pretrain_dir}")
-            run_finetune(load_recipe(part["pretrain"]), pretrain_dir, resume=True, quiet=True,
-                         data_cache_dir=data_cache_dir, wait=True)  # another study command's: waited for, as a sweep
+            pretrained = run_finetune(load_recipe(part["pretrain"]), pretrain_dir, resume=True, quiet=True,
+                                      data_cache_dir=data_cache_dir, wait=True)  # another study command's: waited for
+            if layout.is_diverged(pretrained):  # its weights are no start for anything
+                raise RunError(f"[{name}] pretraining diverged ({pretrain_dir / layout.FINAL_FILE}); change its "
+                               f"recipe and remove that run directory")
             overrides.append(f"pretrained_file={pretrain_dir / layout.BEST_MODEL_FILE}")
         specs = plan_sweep(part["recipe"], part["methods"], part["lr"], seeds, out / name, overrides)
         log(f"[{name}] {len(part['methods'])} methods × {len(part['lr'])} lr × {len(seeds)} seeds")
         status = run_sweep(specs, out / name, parallel=parallel, data_cache_dir=data_cache_dir,
                            log=lambda line, part_name=name: log(f"[{part_name}] {line}"))
-        unfinished = len(specs) - len(status["finished"])
+        unfinished = len(specs) - len(status["finished"]) - len(status["diverged"])  # diverged runs are results
         if unfinished:
             raise RunError(f"[{name}] {unfinished} runs did not finish (see their {layout.ERROR_FILE}); run the study "
                                f"command again to resume them")

@@ -2,7 +2,9 @@
 
 Every cell of the grid is an ordinary run directory (:func:`.layout.sweep_run_dir`). Running a sweep
 again never re-runs or overwrites a finished run (``final.json``), resumes interrupted ones from their checkpoint,
-and re-tries failed ones (``error.json``) only when asked.
+and re-tries failed ones (``error.json``) and diverged ones (a ``final.json`` with ``status: diverged``) only when
+asked. SIGTERM or Ctrl-C stops the runs under way at a step boundary (:mod:`.stopping`) and the sweep with them; the
+same command resumes them.
 
 A method is ``base`` (plain BN, γ0 = 1, c = 1: the paper's BASE), a registered norm-layer name (``bn_gamma01``), or
 either followed by recipe overrides: ``bn_gamma01+bn_transfer=reset``, ``base+gamma_lr_div=100``.
@@ -17,9 +19,10 @@ import subprocess
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from ..registry import resolve_norm_layer
 from . import layout
 from .lock import RunDirBusyError, describe_holder, exclusive
 from .recipe import Recipe, RecipeError, apply_overrides, check_config, import_user_modules, load_recipe
+from .stopping import RunInterrupted, StopRequest, follow_sweep, stop_on_signals, stop_requested
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -114,7 +118,8 @@ def plan_sweep(recipe: str, methods: str | Sequence[str], lrs: Iterable[float] |
 
 
 def sweep_status(specs: Sequence[RunSpec]) -> dict[str, list[RunSpec]]:
-    status: dict[str, list[RunSpec]] = {"finished": [], "failed": [], "interrupted": [], "pending": []}
+    status: dict[str, list[RunSpec]] = {"finished": [], "diverged": [], "failed": [], "interrupted": [],
+                                        "pending": []}
     for spec in specs:
         status[layout.run_status(spec.run_dir)].append(spec)
     return status
@@ -122,7 +127,8 @@ def sweep_status(specs: Sequence[RunSpec]) -> dict[str, list[RunSpec]]:
 
 def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | None = None,
             wait: bool = True) -> dict[str, Any]:
-    """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep.
+    """Run (or resume) one cell; a failure is recorded in ``error.json`` instead of stopping the sweep, a stop asked by
+    a signal is not a failure (the run resumes next time).
 
     A cell another process is training (another sweep command, a run started by hand) is waited for, or with ``wait``
     false left to it: ``{"status": "elsewhere", "holder": ...}``. Either way this process never trains it meanwhile.
@@ -134,52 +140,71 @@ def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | Non
         final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir, wait=wait)
     except RunDirBusyError as error:  # not this process's run: nothing of it is touched
         return {"status": "elsewhere", "run_dir": str(run_dir), "holder": describe_holder(error.holder)}
+    except RunInterrupted as stop:
+        return {"status": "interrupted", "run_dir": str(run_dir), "message": str(stop)}
     except Exception as error:  # a sweep records the failure and goes on
         layout.write_error(run_dir, {"method": spec.method, "lr": spec.lr, "seed": spec.seed,
                                      "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
         return {"status": "failed", "run_dir": str(run_dir), "error": f"{type(error).__name__}: {error}"}
     layout.clear_error(run_dir)
+    if layout.is_diverged(final):
+        return {"status": "diverged", "run_dir": str(run_dir), "divergence": final["divergence"]}
     return {"status": "finished", "run_dir": str(run_dir), "test_acc": final["test_acc_at_best_val"]}
 
 
 def run_sweep(specs: Sequence[RunSpec], out: str | os.PathLike, *, parallel: int = 1, retry_failed: bool = False,
-              executor: str = "local", data_cache_dir: str | None = None, slurm: dict[str, Any] | None = None,
-              log=print) -> dict[str, list[RunSpec]]:
+              retry_diverged: bool = False, executor: str = "local", data_cache_dir: str | None = None,
+              slurm: dict[str, Any] | None = None, log=print) -> dict[str, list[RunSpec]]:
     """Run every unfinished cell: ``local`` (``parallel`` runs side by side on this machine's cores) or through
-    submitit (``submitit-local`` on this machine, ``slurm`` on a cluster). Returns the final status."""
+    submitit (``submitit-local`` on this machine, ``slurm`` on a cluster). Returns the final status.
+
+    Raises:
+        RunInterrupted: SIGTERM or SIGINT stopped the sweep; the runs under way stopped at a step boundary (a local
+            sweep's), and the same call resumes them.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out / layout.SWEEP_LOCK_FILE, wait=True):  # another sweep command's grid is merged, not lost
         _write_plan(out, specs)
     status = sweep_status(specs)
-    todo = status["interrupted"] + status["pending"] + (status["failed"] if retry_failed else [])
+    todo = status["interrupted"] + status["pending"] + (status["failed"] if retry_failed else []) + \
+        (status["diverged"] if retry_diverged else [])
     log(f"{len(specs)} runs: {len(status['finished'])} finished, {len(status['interrupted'])} to resume, "
         f"{len(status['pending'])} to start, {len(status['failed'])} failed"
         + (" (re-trying)" if retry_failed and status["failed"] else
-           " (kept; --retry-failed re-runs them)" if status["failed"] else ""))
-    if retry_failed:
-        for spec in status["failed"]:
-            layout.clear_error(spec.run_dir)
+           " (kept; --retry-failed re-runs them)" if status["failed"] else "")
+        + (f", {len(status['diverged'])} diverged" + (" (re-trying)" if retry_diverged else
+                                                       " (kept; --retry-diverged re-runs them)")
+           if status["diverged"] else ""))
+    for spec in status["failed"] if retry_failed else []:
+        layout.clear_error(spec.run_dir)
+    for spec in status["diverged"] if retry_diverged else []:
+        layout.clear_diverged(spec.run_dir)
     if not todo:
         return sweep_status(specs)
+    if executor not in ("local", "submitit-local", "slurm"):
+        raise RecipeError(f"unknown executor {executor!r}; choose local, submitit-local or slurm")
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(parallel, 1))
-    if executor == "local":
-        # first the runs no other process trains, then wait for the others (another sweep command on this folder):
-        # each is then finished, or resumed here if its trainer stopped before the end
-        elsewhere = _run_local(todo, parallel, threads, data_cache_dir, log, wait=False)
-        if elsewhere:
-            log(f"waiting for {len(elsewhere)} run{'s' if len(elsewhere) > 1 else ''} that another process trains")
-            _run_local(elsewhere, parallel, threads, data_cache_dir, log, wait=True)
-    elif executor in ("submitit-local", "slurm"):
-        _run_submitit(todo, out, executor, parallel, threads, data_cache_dir, slurm or {}, log)
-    else:
-        raise RecipeError(f"unknown executor {executor!r}; choose local, submitit-local or slurm")
-    return sweep_status(specs)
+    with stop_on_signals() as stop:  # the runs of this process follow it too
+        if executor == "local":
+            # first the runs no other process trains, then wait for the others (another sweep command on this
+            # folder): each is then finished, or resumed here if its trainer stopped before the end
+            elsewhere = _run_local(todo, parallel, threads, data_cache_dir, stop, log, wait=False)
+            if elsewhere and not stop.requested():
+                log(f"waiting for {len(elsewhere)} run{'s' if len(elsewhere) > 1 else ''} that another process trains")
+                _run_local(elsewhere, parallel, threads, data_cache_dir, stop, log, wait=True)
+        else:
+            _run_submitit(todo, out, executor, parallel, threads, data_cache_dir, slurm or {}, log)
+    final = sweep_status(specs)
+    if stop.requested():
+        left = len(final["interrupted"]) + len(final["pending"])
+        raise RunInterrupted(stop.requested(), f"while the sweep ran: {left} of its runs to resume or start")
+    return final
 
 
-def _run_local(todo: Sequence[RunSpec], parallel: int, threads: int, data_cache_dir: str | None, log,
-               wait: bool) -> list[RunSpec]:
+def _run_local(todo: Sequence[RunSpec], parallel: int, threads: int, data_cache_dir: str | None, stop: StopRequest,
+               log, wait: bool) -> list[RunSpec]:
     """Run ``todo`` here, one at a time or ``parallel`` side by side; returns those another process was training."""
     elsewhere = []
 
@@ -190,14 +215,41 @@ def _run_local(todo: Sequence[RunSpec], parallel: int, threads: int, data_cache_
 
     if parallel <= 1:
         for spec in todo:
+            if stop.requested():
+                break
             report(spec, run_one(spec, data_cache_dir, wait=wait))
-        return elsewhere
-    # one process per run: isolates failures and keeps each run's threads to its share of the cores
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, spec, data_cache_dir, threads, wait): spec for spec in todo}
-        for future in as_completed(futures):
-            report(futures[future], future.result())
+    else:
+        _run_parallel(todo, parallel, threads, data_cache_dir, stop, report, wait)
     return elsewhere
+
+
+def _run_parallel(todo: Sequence[RunSpec], parallel: int, threads: int, data_cache_dir: str | None,
+                  stop: StopRequest, report, wait: bool) -> None:
+    """One process per run: isolates failures and keeps each run's threads to its share of the cores.
+
+    A stop request (SIGTERM or Ctrl-C, which the workers leave to this process) cancels the runs not started and
+    reaches the runs under way through a shared value, which their step checks read; a second Ctrl-C kills them.
+    """
+    context = get_context("spawn")
+    shared = context.Value("i", 0)
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=follow_sweep,
+                             initargs=(shared,)) as pool:
+        futures = {pool.submit(run_one, spec, data_cache_dir, threads, wait): spec for spec in todo}
+        waiting = set(futures)
+        try:
+            while waiting:
+                done, waiting = wait_for(waiting, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if not future.cancelled():
+                        report(futures[future], future.result())
+                if stop.requested() and not shared.value:
+                    shared.value = stop.requested()
+                    for future in waiting:
+                        future.cancel()
+        except KeyboardInterrupt:
+            for child in active_children():
+                child.kill()
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,6 +280,9 @@ def _run_submitit(todo: Sequence[RunSpec], out: Path, executor: str, parallel: i
             log(_describe(spec, job.result()))
         except Exception as error:  # the job itself died: the run resumes next time
             log(f"{_head(spec)}: job failed ({error}); re-run the sweep to resume")
+        if stop_requested():  # the jobs go on: the same command waits for them, or resumes their runs
+            log("stopped waiting for the submitit jobs")
+            return
 
 
 def _run_slurm(todo: Sequence[RunSpec], out: Path, parallel: int, data_cache_dir: str | None,
@@ -340,14 +395,16 @@ def _wait_for_slurm_jobs(jobs: list[tuple[RunSpec, Any]], log) -> None:
     """Report each job as it ends. A job that left the queue without a result (``scancel``, killed, out of time)
     is said so; its run directory keeps its checkpoint and the next sweep command resumes it."""
     waiting = list(jobs)
-    while waiting:
+    while waiting and not stop_requested():
         # ask the queue before looking for results: a job that left it had written its result before it left
         queued = _queued_slurm_jobs({job.job_id for _, job in waiting})
         still = []
         for spec, job in waiting:
             if job.paths.result_pickle.exists():
                 try:
-                    log(_describe(spec, job.result()))
+                    result = job.result()
+                    log(f"{_head(spec)}: Slurm job {job.job_id} ended without a result ({result['message']}); re-run "
+                        f"the sweep to resume it" if result["status"] == "interrupted" else _describe(spec, result))
                 except Exception as error:  # submitit's own failure (e.g. timed out), not a failed run
                     log(f"{_head(spec)}: Slurm job {job.job_id} failed ({error}); re-run the sweep to resume")
             elif job.job_id not in queued if queued is not None else job.done():  # no squeue: ask sacct
@@ -358,6 +415,8 @@ def _wait_for_slurm_jobs(jobs: list[tuple[RunSpec, Any]], log) -> None:
         waiting = still
         if waiting:
             time.sleep(SLURM_POLL_SECONDS)
+    if waiting:  # asked to stop: the jobs go on in Slurm, and the same sweep command waits for them again
+        log(f"stopped waiting for {len(waiting)} Slurm job{'s' if len(waiting) > 1 else ''}; they go on")
 
 
 def _relative_run_dir(spec: RunSpec, out: Path) -> str:
@@ -383,6 +442,12 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
         return f"{head}: test {result['test_acc']:.2f}%"
     if result["status"] == "elsewhere":
         return f"{head}: being trained by {result['holder']}; left to it"
+    if result["status"] == "diverged":
+        where = result["divergence"]
+        return (f"{head}: DIVERGED in epoch {where['epoch']} at step {where['step']} (training loss {where['loss']}); "
+                f"kept, at chance level ({where['chance_acc']:.2f}%) in the report")
+    if result["status"] == "interrupted":
+        return f"{head}: {result['message']}; re-run the sweep to resume it"
     return f"{head}: FAILED {result['error']} (see {result['run_dir']}/{layout.ERROR_FILE})"
 
 

@@ -30,6 +30,7 @@ class Cell:
     p_holm: float | None = None
     t: float | None = None
     power: PowerSummary | None = None   # difference to the baseline and the design's power (None: baseline, n < 2)
+    diverged: list[int] = field(default_factory=list)   # seeds whose run diverged: in ``values`` at chance level
 
     @property
     def n(self) -> int:

@@ -53,6 +53,7 @@ from .model import build_model
 from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
 from .seeding import seed_for
+from .stopping import RunDiverged, RunInterrupted, StepChecks, StopRequest, stop_on_signals
 
 __all__ = ["RunError", "Run", "Training", "Evaluation", "build_training", "build_optimizer", "build_scheduler",
            "run_finetune", "train_one_epoch", "validate", "evaluate", "gamma_values"]
@@ -267,9 +268,17 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
                data_info, initial_scale)
 
 
-def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> dict[str, Any]:
-    """One pass over the training data; returns the epoch's loss, learning rates and throughput."""
+def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool,
+                    checks: StepChecks | None = None) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's loss, learning rates and throughput.
+
+    Raises:
+        RunDiverged: A training loss was not finite (``checks`` reads the losses every few steps, on every rank).
+        RunInterrupted: A signal asked the run to stop (``checks`` follows the run's stop request).
+    """
     config, accelerator, model = run.config, run.accelerator, run.model
+    checks = checks or StepChecks(accelerator)
+    checks.start_epoch(epoch)
     # accelerate's loader re-sets its sampler's epoch to its own pass counter (0 after a resume): tell it too
     run.train_loader.set_epoch(epoch)
     run.loaders.train_sampler.set_epoch(epoch)
@@ -293,6 +302,8 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
         loss_sum += float(loss.detach()) * labels.shape[0]
         seen += labels.shape[0]
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        checks.after_step(loss)  # a copy on the device; read every few steps, where a divergence or a stop is raised
+    checks.read()  # the epoch's last steps, before its evaluation and checkpoint
     lrs = {name: group["lr"] for name, group in zip(group_names, run.optimizer.param_groups)}  # as last used
     if config.step_on_epochs:
         run.scheduler.step(epoch + 1)
@@ -426,15 +437,9 @@ def _environment(accelerator: Any, config: Recipe) -> dict[str, Any]:
             "per_process_batch": config.batch_size // accelerator.num_processes}
 
 
-def _final_result(run: Run, state: dict[str, Any], started: float,
-                  initial_gammas: dict[str, list[float]] | None) -> dict[str, Any]:
-    """``final.json``: the selected and last accuracies, the γ analyses, throughput and environment.
-
-    ``initial_gammas`` (the run's ``initial_gammas.json``) gives ``gamma_change``; None (a run started before they
-    were recorded) gives None.
-    """
-    config = run.config
-    clamp = []  # docs/methods.md §5: how much accuracy survives setting the small γ to 0
+def _gamma_clamp(run: Run, state: dict[str, Any]) -> list[dict[str, float]]:
+    """docs/methods.md §5: how much test accuracy survives setting the small γ to 0, per threshold."""
+    clamp = []
     # the clamped sets grow with the threshold: an unchanged set is the model already evaluated (none clamped: the
     # last epoch's test accuracy, on the same weights and statistics), so only a new set costs a test pass
     known = {0.0: state["last_test"]}
@@ -443,16 +448,50 @@ def _final_result(run: Run, state: dict[str, Any], started: float,
             if fraction not in known:
                 known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator).accuracy
             clamp.append({"threshold": threshold, "fraction": fraction, "test_acc": known[fraction]})
+    return clamp
+
+
+def _diverged_accuracies(run: Run, state: dict[str, Any],
+                         divergence: RunDiverged) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A diverged run's accuracies, by docs/guide/comparisons.md's rule: chance level, 100/k % for k classes (what a
+    network whose outputs are NaN scores on a balanced test set), at every endpoint; and where it diverged, with what
+    its finished epochs had measured (kept for the reader, never entered in a comparison)."""
+    chance = 100.0 / (len(run.config.classes) if run.config.classes else run.data_info.num_classes)
+    before = None if state["best_epoch"] is None else {
+        "best_epoch": state["best_epoch"], "best_val_acc": state["best_val"],
+        "test_acc_at_best_val": state["test_at_best"], "test_acc_last": state["last_test"]}
+    accuracies = {"test_acc_at_best_val": chance, "best_epoch": None, "best_val_acc": chance, "test_acc_last": chance,
+                  "val_acc_last": chance if run.loaders.validation else None}
+    return accuracies, {"epoch": divergence.epoch, "step": divergence.step, "loss": str(divergence.loss),
+                        "chance_acc": chance, "epochs_completed": state["epoch"], "before": before}
+
+
+def _final_result(run: Run, state: dict[str, Any], started: float, initial_gammas: dict[str, list[float]] | None,
+                  divergence: RunDiverged | None = None) -> dict[str, Any]:
+    """``final.json``: the selected and last accuracies (a diverged run's by the rule of
+    :func:`_diverged_accuracies`), the γ analyses, throughput and environment.
+
+    ``initial_gammas`` (the run's ``initial_gammas.json``) gives ``gamma_change``; None (a run started before they
+    were recorded) or a diverged run gives None.
+    """
+    config = run.config
+    if divergence is None:
+        accuracies, record, clamp = {
+            "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
+            "best_val_acc": state["best_val"], "test_acc_last": state["last_test"],
+            "val_acc_last": state["last_val"]}, None, _gamma_clamp(run, state)
+    else:  # its γ are not a trained network's: no clamping analysis
+        (accuracies, record), clamp = _diverged_accuracies(run, state, divergence), []
     return {
-        "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
-        "best_val_acc": state["best_val"], "test_acc_last": state["last_test"], "val_acc_last": state["last_val"],
+        **accuracies, "status": "finished" if divergence is None else "diverged", "divergence": record,
         "selection": "validation" if run.loaders.validation else "test",
         "epochs": config.epochs, "seed": config.seed, "method": {
             "norm_layer": config.norm_layer, "bn_transfer": config.bn_transfer,
             "gamma_lr_div": config.gamma_lr_div, "bn_only": config.bn_only,
             "pretrained": bool(config.pretrained or config.pretrained_file)},
         "initial_effective_scale": run.initial_scale, "gamma_clamp": clamp,
-        "gamma_change": None if initial_gammas is None else gamma_change(initial_gammas, gamma_values(run.unwrapped)),
+        "gamma_change": None if initial_gammas is None or divergence is not None else
+        gamma_change(initial_gammas, gamma_values(run.unwrapped)),
         "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"], "wall_seconds_this_session": time.time() - started,
         "num_updates": state["num_updates"],
@@ -491,7 +530,10 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
 
     The run holds ``run_dir``'s lock (:mod:`.lock`) from before it reads anything there until it returns: a second
     process on the same run directory is refused, or waits with ``wait``, and then finds the run finished or goes on
-    from its checkpoint.
+    from its checkpoint. A run whose training loss stops being finite ends there: its ``final.json`` says ``status:
+    diverged`` and where (``divergence``), with its accuracies at chance level (docs/guide/comparisons.md). SIGTERM
+    and SIGINT stop the run at a step boundary (:func:`.stopping.stop_on_signals`, for the duration of the run) with
+    :class:`.stopping.RunInterrupted`; its last checkpoint stays as it was, for ``resume``.
 
     Args:
         config: A resolved recipe (:func:`timm_bninit.experiment.recipe.load_recipe` plus overrides).
@@ -504,19 +546,21 @@ def run_finetune(config: Recipe, run_dir: str | os.PathLike, *, resume: bool = F
     """
     check_config(config)
     run_dir = Path(run_dir)
-    accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
-    with hold_run_dir(accelerator, run_dir, wait=wait, show=accelerator.is_main_process and not quiet):
-        if resume:  # a finished run too: its result is its own recipe's
-            _check_recorded_config(config, run_dir)
-        finished = layout.check_new_run_dir(run_dir, resume)  # under the lock: no other process can finish it now
-        if finished is not None:
-            return finished
-        return _train(config, accelerator, run_dir, resume, quiet, data_cache_dir)
+    with stop_on_signals() as stop:  # before the loaders' workers fork, so that they inherit the handlers
+        accelerator = make_accelerator(config, log_with=config.log_with, project_dir=run_dir)
+        with hold_run_dir(accelerator, run_dir, wait=wait, show=accelerator.is_main_process and not quiet):
+            if resume:  # a finished run too: its result is its own recipe's
+                _check_recorded_config(config, run_dir)
+            finished = layout.check_new_run_dir(run_dir, resume)  # under the lock: no other process can finish it now
+            if finished is not None:
+                return finished
+            return _run(config, accelerator, run_dir, resume, quiet, data_cache_dir, stop)
 
 
-def _train(config: Recipe, accelerator: Any, run_dir: Path, resume: bool, quiet: bool,
-           data_cache_dir: str | os.PathLike | None) -> dict[str, Any]:
-    """Start or resume the run in ``run_dir`` (whose lock this process holds) and train it to its end."""
+def _run(config: Recipe, accelerator: Any, run_dir: Path, resume: bool, quiet: bool,
+         data_cache_dir: str | os.PathLike | None, stop: StopRequest) -> dict[str, Any]:
+    """Start or resume the run in ``run_dir`` (whose lock this process holds) and train it to its end, while ``stop``
+    follows SIGTERM and SIGINT."""
     show = accelerator.is_main_process and not quiet
     run = build_run(config, accelerator, data_cache_dir)
     state = _start_or_resume(run, run_dir, resume, show)
@@ -524,17 +568,37 @@ def _train(config: Recipe, accelerator: Any, run_dir: Path, resume: bool, quiet:
         accelerator.init_trackers("tracking", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                       for k, v in config.to_dict().items()})
     started = time.time()
-    for epoch in range(state["epoch"], config.epochs):
-        stats = train_one_epoch(run, epoch, state, show)
-        _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
-    if accelerator.is_main_process:  # the last epoch's evaluated weights (a resume restores them from the checkpoint)
+    divergence = _train(run, run_dir, state, StepChecks(accelerator, stop), show)
+    if divergence is None and accelerator.is_main_process:
+        # the last epoch's evaluated weights (a resume restores them from the checkpoint); a diverged run's are NaN
         save_evaluated(run, run_dir / layout.LAST_MODEL_FILE)
-    final = _final_result(run, state, started, layout.read_initial_gammas(run_dir))
+    final = _final_result(run, state, started, layout.read_initial_gammas(run_dir), divergence)
     if accelerator.is_main_process:
-        layout.write_json(run_dir / layout.GAMMAS_FILE, gamma_values(run.unwrapped))
+        if divergence is None:  # a diverged network's γ are no result
+            layout.write_json(run_dir / layout.GAMMAS_FILE, gamma_values(run.unwrapped))
         layout.write_final(run_dir, final)
-        remove_checkpoint(run_dir)
+        remove_checkpoint(run_dir)  # a diverged run is finished too: a retry starts it again
     if config.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return final
+
+
+def _train(run: Run, run_dir: Path, state: dict[str, Any], checks: StepChecks, show: bool) -> RunDiverged | None:
+    """Train, evaluate and checkpoint every remaining epoch; returns the divergence that ended them early, if one did.
+
+    Raises:
+        RunInterrupted: A signal asked the run to stop; it names the run directory and its last checkpoint.
+    """
+    try:
+        for epoch in range(state["epoch"], run.config.epochs):
+            stats = train_one_epoch(run, epoch, state, show, checks)
+            _record_epoch(run, run_dir, epoch, state, stats, validate(run), show)
+            if epoch + 1 < run.config.epochs:
+                checks.after_epoch()  # a signal during evaluation or the checkpoint stops here, not 8 steps on
+    except RunDiverged as divergence:
+        return divergence
+    except RunInterrupted as stop:
+        stop.run_dir, stop.checkpoint_epoch = run_dir, state["epoch"]
+        raise
+    return None
