@@ -22,12 +22,17 @@ Example::
     python benchmarks/bench_norm.py --threads 1
     python benchmarks/bench_norm.py --quick        # smoke run: B = 4, 5 rounds
     python benchmarks/bench_norm.py --compiled     # compiled vs eager training step, inductor
+    python benchmarks/bench_norm.py --imports my_variants --norm-layer scaled_bn   # also time a registered layer
+
+``--norm-layer NAME`` (repeatable) adds any registered norm layer to either table, timed like the others, without a
+target; ``--imports MODULE`` imports a module of your own first, so that a layer it registers can be named.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import math
 import os
 import platform
@@ -199,12 +204,13 @@ def check_agreement(x: torch.Tensor, grad: torch.Tensor, seed: int) -> float:
     return worst
 
 
-def time_shape(shape: tuple[int, ...], repeats: int, warmup: int, seed: int) -> dict[str, list[float]]:
+def time_shape(shape: tuple[int, ...], repeats: int, warmup: int, seed: int,
+               candidates: tuple[Candidate, ...] = CANDIDATES) -> dict[str, list[float]]:
     """Per candidate, its forward+backward times (s), one per round; every round times every candidate once."""
     x = make_activation(shape, seed)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
     modules = {}
-    for cand in CANDIDATES:
+    for cand in candidates:
         module = cand.build(shape[1]).train()
         randomize_parameters(module, seed)
         modules[cand.name] = module
@@ -281,13 +287,13 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     return time.perf_counter() - start, loss.detach()
 
 
-def time_compiled(args: argparse.Namespace) -> None:
-    """Eager vs compiled training step of :func:`small_net` for each layer in ``COMPILED_LAYERS``."""
+def time_compiled(args: argparse.Namespace, layers: dict[str, Callable[[int], nn.Module]] = COMPILED_LAYERS) -> None:
+    """Eager vs compiled training step of :func:`small_net` for each of ``layers`` (``BatchNorm2d`` among them)."""
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
     target = torch.randint(0, 10, (args.batch,), generator=gen)
     steps, compile_seconds = {}, {}
-    for name, norm in COMPILED_LAYERS.items():
+    for name, norm in layers.items():
         eager = small_net(norm, args.seed)
         compiled_net = copy.deepcopy(eager)
         compiled = torch.compile(compiled_net, backend=args.backend)
@@ -311,12 +317,12 @@ def time_compiled(args: argparse.Namespace) -> None:
             if round_index >= args.warmup:
                 times[key].append(elapsed)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
-    width = max(len(name) for name in COMPILED_LAYERS) + 2
+    width = max(len(name) for name in layers) + 2
     line = (f"{'training step, ' + args.backend:<{width}}{'eager ms':>10}{'compiled ms':>13}{'compiled/eager':>16}"
             f"{'(best)':>8}{'eager/BN eager':>16}{'compiled/BN compiled':>22}{'compile s':>11}")
     print(line)
     print("-" * len(line))
-    for name in COMPILED_LAYERS:
+    for name in layers:
         eager_t, compiled_t = times[(name, "eager")], times[(name, "compiled")]
         ratio = statistics.median(c / e for c, e in zip(compiled_t, eager_t))
         best = min(compiled_t) / min(eager_t)
@@ -326,6 +332,20 @@ def time_compiled(args: argparse.Namespace) -> None:
               f"{ratio:>16.3f}{best:>8.3f}{vs_bn_eager:>16.3f}{vs_bn_compiled:>22.3f}{compile_seconds[name]:>11.0f}")
     print("\nRatios are medians over rounds of paired (same-round) ratios; (best) is fastest compiled round / fastest"
           " eager round.")
+
+
+def registered_layers(parser: argparse.ArgumentParser, modules: list[str],
+                      names: list[str]) -> dict[str, Callable[[int], nn.Module]]:
+    """The layers registered under ``names``, after importing ``modules``; a bad one ends the script in one line."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            parser.error(f"--imports {module}: {error}; is it on PYTHONPATH?")
+    try:
+        return {name: tb.get_norm_layer(name) for name in names}
+    except tb.UnknownNormLayerError as error:
+        parser.error(f"--norm-layer: {error}")
 
 
 def main() -> None:
@@ -340,7 +360,12 @@ def main() -> None:
                         help="instead: time a training step of a small conv net, eager vs torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled (default inductor)")
     parser.add_argument("--image-size", type=int, default=32, help="input size of --compiled (default 32)")
+    parser.add_argument("--norm-layer", action="append", default=[], metavar="NAME",
+                        help="also time this registered norm layer (repeatable), e.g. one of your own")
+    parser.add_argument("--imports", action="append", default=[], metavar="MODULE",
+                        help="import this module first (repeatable): one that registers the layers --norm-layer names")
     args = parser.parse_args()
+    registered = registered_layers(parser, args.imports, args.norm_layer)
     if args.quick:
         args.batch, args.repeats, args.warmup = 4, 5, 1
     if args.threads is not None:
@@ -352,9 +377,10 @@ def main() -> None:
               f"thread{'s' if threads != 1 else ''}; float32; small conv net {SMALL_NET_STAGES}, "
               f"B = {args.batch}, {args.image_size} px; {args.repeats} timed rounds (+{args.warmup} warm-up), "
               f"shuffled; load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-        time_compiled(args)
+        time_compiled(args, {**COMPILED_LAYERS, **registered})
         return
 
+    candidates = CANDIDATES + tuple(Candidate(name, layer) for name, layer in registered.items())
     shapes = [(args.batch, c, hw, hw) for c, hw in RESNET50_STAGES]
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
@@ -370,12 +396,12 @@ def main() -> None:
         print(f"  {tuple(shape)}: optimised RBN/IEBN (incl. identity_init) == straightforward, "
               f"max relative error {worst:.1e}", flush=True)
         start = time.perf_counter()
-        results[shape] = time_shape(shape, args.repeats, args.warmup, args.seed)
+        results[shape] = time_shape(shape, args.repeats, args.warmup, args.seed, candidates)
         print(f"  {tuple(shape)}: timed in {time.perf_counter() - start:.0f} s", flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
 
     headers = [f"{c}x{hw}x{hw}" for c, hw in RESNET50_STAGES]
-    width = max(len(c.name) for c in CANDIDATES) + 2
+    width = max(len(c.name) for c in candidates) + 2
     line = (f"{'time / nn.BatchNorm2d':<{width}}" + "".join(f"{h:>13}" for h in headers)
             + f"{'geomean':>9}{'(best)':>8}  target")
     print(line)
@@ -383,7 +409,7 @@ def main() -> None:
     print(f"{'nn.BatchNorm2d (ms)':<{width}}"
           + "".join(f"{statistics.median(results[s][BASELINE]) * 1e3:>13.2f}" for s in shapes))
     verdicts = []
-    for cand in CANDIDATES[1:]:
+    for cand in candidates[1:]:
         ratios = [paired_ratio(results[s], cand.name, BASELINE) for s in shapes]
         overall = geometric_mean(ratios)
         overall_best = geometric_mean([best_ratio(results[s], cand.name, BASELINE) for s in shapes])
