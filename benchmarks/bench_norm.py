@@ -33,6 +33,10 @@ Example::
     python benchmarks/bench_norm.py --threads 1 --formats channels_last --variants rbn,iebn
     python benchmarks/bench_norm.py --quick        # smoke run: B = 4, 5 rounds
     python benchmarks/bench_norm.py --compiled     # compiled vs eager training step, inductor
+    python benchmarks/bench_norm.py --imports my_variants --norm-layer scaled_bn   # also time a layer of your own
+
+``--norm-layer NAME`` (repeatable) adds any registered norm layer to either table, timed and judged like the others;
+``--imports MODULE`` imports a module of your own first, so that a layer it registers can be named.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib
 import inspect
 import math
 import os
@@ -347,13 +352,13 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     return time.perf_counter() - start, loss.detach()
 
 
-def time_compiled(args: argparse.Namespace) -> None:
-    """Eager vs compiled training step of :func:`small_net` for each layer in ``COMPILED_LAYERS``."""
+def time_compiled(args: argparse.Namespace, layers: dict[str, Callable[[int], nn.Module]] = COMPILED_LAYERS) -> None:
+    """Eager vs compiled training step of :func:`small_net` for each of ``layers`` (``BatchNorm2d`` among them)."""
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
     target = torch.randint(0, 10, (args.batch,), generator=gen)
     steps, compile_seconds = {}, {}
-    for name, norm in COMPILED_LAYERS.items():
+    for name, norm in layers.items():
         eager = small_net(norm, args.seed)
         compiled_net = copy.deepcopy(eager)
         compiled = torch.compile(compiled_net, backend=args.backend)
@@ -377,12 +382,12 @@ def time_compiled(args: argparse.Namespace) -> None:
             if round_index >= args.warmup:
                 times[key].append(elapsed)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
-    width = max(len(name) for name in COMPILED_LAYERS) + 2
+    width = max(len(name) for name in layers) + 2
     line = (f"{'training step, ' + args.backend:<{width}}{'eager ms':>10}{'compiled ms':>13}{'compiled/eager':>16}"
             f"{'(best)':>8}{'eager/BN eager':>16}{'compiled/BN compiled':>22}{'compile s':>11}")
     print(line)
     print("-" * len(line))
-    for name in COMPILED_LAYERS:
+    for name in layers:
         eager_t, compiled_t = times[(name, "eager")], times[(name, "compiled")]
         ratio = statistics.median(c / e for c, e in zip(compiled_t, eager_t))
         best = min(compiled_t) / min(eager_t)
@@ -484,10 +489,23 @@ def parse_args() -> argparse.Namespace:
                         help="instead: time a training step of a small conv net, eager vs torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled (default inductor)")
     parser.add_argument("--image-size", type=int, default=32, help="input size of --compiled (default 32)")
+    parser.add_argument("--norm-layer", action="append", default=[], metavar="NAME",
+                        help="also time this registered norm layer (repeatable), e.g. one of your own")
+    parser.add_argument("--imports", action="append", default=[], metavar="MODULE",
+                        help="import this module first (repeatable): one that registers the layers --norm-layer names")
     args = parser.parse_args()
     unknown = sorted(set(args.formats.split(",")) - set(FORMATS))
     if unknown:
         parser.error(f"unknown memory format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            parser.error(f"--imports {module}: {error}; is it on PYTHONPATH?")
+    try:
+        args.registered = {name: tb.get_norm_layer(name) for name in args.norm_layer}
+    except tb.UnknownNormLayerError as error:
+        parser.error(f"--norm-layer: {error}")
     if args.quick:
         args.batch, args.repeats, args.warmup = 4, 5, 1
     return args
@@ -504,13 +522,13 @@ def main() -> None:
               f"thread{'s' if threads != 1 else ''}; float32; small conv net {SMALL_NET_STAGES}, "
               f"B = {args.batch}, {args.image_size} px; {args.repeats} timed rounds (+{args.warmup} warm-up), "
               f"shuffled; load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-        time_compiled(args)
+        time_compiled(args, {**COMPILED_LAYERS, **args.registered})
         return
 
     clock = args.clock if args.clock != "auto" else ("thread" if threads == 1 else "wall")
     args.clock_fn = time.thread_time if clock == "thread" else time.perf_counter
     try:
-        candidates = build_candidates(select_variants(args.variants))
+        candidates = build_candidates(select_variants(args.variants) + args.norm_layer)
     except tb.BNInitError as error:
         raise SystemExit(f"bench_norm.py: {error}") from None
     shapes = [(args.batch, c, hw, hw) for c, hw in RESNET50_STAGES]
