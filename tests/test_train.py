@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -342,7 +343,10 @@ def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_
         assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
         assert weight.is_contiguous() is not channels_last
         images, labels = next(iter(run.train_loader))  # the same first batch (same seed) in both layouts
-        loss = run.criterion(run.model(images), labels)
+        inputs = run.normalize(images)  # the workers' uint8, laid out and normalised on the device
+        assert images.dtype == torch.uint8 and inputs.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        loss = run.criterion(run.model(inputs), labels)
         loss.backward()
         steps[channels_last] = loss.item(), [p.grad.clone() for p in run.unwrapped.parameters()]
     assert steps[True][0] == pytest.approx(steps[False][0], rel=1e-6)
@@ -352,3 +356,38 @@ def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_
     saved = load_file(str(tmp_path / "run" / "best_model.safetensors"))
     assert all(tensor.is_contiguous() for tensor in saved.values())  # a plain state dict, as timm writes it
     timm.create_model("test_resnet", norm_layer="rbn", num_classes=3).load_state_dict(saved)
+
+
+def test_the_training_loop_reads_the_device_once_per_epoch_or_log_interval(tiny_data, tmp_path, monkeypatch):
+    from timm_bninit.experiment import train
+    from timm_bninit.experiment.distributed import make_accelerator
+
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    run = train.build_run(config, make_accelerator(config), tmp_path / "cache")
+    # every way a tensor's value reaches the host, each of which waits for the device's queued work; the DataLoader's
+    # own seed draw is left out: its tensor is on the CPU whatever the device
+    reads = []
+
+    def counting(name: str):
+        read = getattr(torch.Tensor, name)
+
+        def counted(self):
+            if not any("torch/utils/data" in frame.filename for frame in traceback.extract_stack(limit=4)):
+                reads.append(name)
+            return read(self)
+        return counted
+
+    for name in ("__float__", "__int__", "__bool__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    state = {"num_updates": 0, "train_seconds": 0.0, "train_images": 0}
+    steps = len(run.train_loader)
+    assert steps == 4  # 27 training images, batches of 6
+    train.train_one_epoch(run, 0, state, show=False)
+    assert reads == ["__float__"]  # the epoch's loss, once
+    reads.clear()
+    monkeypatch.setattr(train, "LOG_INTERVAL", 2)
+    train.train_one_epoch(run, 1, state, show=True)
+    assert reads == ["__float__"] * (steps // 2 + 1)  # the progress bar every 2 steps, then the epoch's loss
+    reads.clear()
+    train.evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator, run.normalize)
+    assert reads == ["__int__"]  # the correct predictions, counted on the device, read once

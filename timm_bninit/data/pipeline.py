@@ -16,7 +16,7 @@ Both come from one torchvision/timm ``Compose`` on RGB PIL images that ends in `
 mode has one definition. ``pil`` keeps its steps; ``fast`` replaces each by a uint8 *twin* that draws its random
 parameters through the PIL step's own ``get_params`` (timm's random-resized crop, torchvision's random crop) or the
 same ``torch.rand(1)`` (flip), and runs colour jitter as the PIL step itself. For one (seed, epoch, index) both
-pipelines therefore take the same crop, flip and jitter; only the resampling rounds differently (benchmarks/README.md,
+pipelines therefore take the same crop, flip and jitter; only the resampling rounds differently (benchmarks/HISTORY.md,
 "Data path", says by how much).
 
 Example::
@@ -48,7 +48,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from ..errors import BNInitValueError
 
-__all__ = ["PIPELINES", "ImagePipeline", "DeviceNormalize", "decode_pil", "decode_rgb", "uint8_pipeline",
+__all__ = ["PIPELINES", "DECODERS", "ImagePipeline", "DeviceNormalize", "decode_pil", "decode_rgb", "uint8_pipeline",
            "uint8_twin"]
 
 PIPELINES = ("fast", "pil")
@@ -105,6 +105,10 @@ def decode_rgb(value: Any) -> torch.Tensor:
     return F2.pil_to_tensor(decode_pil(value))
 
 
+# each pipeline's decoder: stored image -> what its transform takes
+DECODERS: dict[str, Callable[[Any], Any]] = {"fast": decode_rgb, "pil": decode_pil}
+
+
 @dataclass(frozen=True)
 class ImagePipeline:
     """How a split's stored images become uint8 model inputs in a worker, and how the device then normalises them.
@@ -126,7 +130,7 @@ class ImagePipeline:
     std: tuple[float, ...]
 
     def decode(self, value: Any) -> Any:
-        return decode_rgb(value) if self.decode_with == "fast" else decode_pil(value)
+        return DECODERS[self.decode_with](value)
 
     def __call__(self, value: Any) -> torch.Tensor:
         return self.transform(self.decode(value))

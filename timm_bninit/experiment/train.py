@@ -8,11 +8,12 @@ them: build data, model, optimizer and scheduler; ``accelerator.prepare`` once; 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..convert import recalibrate_bn_stats
-from ..data import get_dataset, load_image_dataset, resolve_source
+from ..data import DeviceNormalize, get_dataset, load_image_dataset, resolve_source
 from ..errors import BNInitError
 from ..gammas import bn_gammas
 from ..optim import param_group_fn
@@ -39,7 +40,7 @@ from .analysis import GAMMA_THRESHOLDS, clamped_gammas, effective_initial_scale,
 from .checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
-from .loaders import Loaders, build_loaders, build_transforms
+from .loaders import Loaders, build_loaders, build_pipelines
 from .model import build_model
 from .protocol import train_per_class_subset
 from .recipe import KEYS, Recipe, apply_overrides, check_config, load_recipe, recipe_from_mapping
@@ -47,6 +48,8 @@ from .seeding import seed_for
 
 __all__ = ["RunError", "Run", "Training", "build_training", "build_optimizer", "build_scheduler", "run_finetune",
            "train_one_epoch", "validate", "evaluate"]
+
+LOG_INTERVAL = 50  # training steps between the progress bar's loss updates (timm's train.py --log-interval default)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Run:
     criterion: nn.Module
     data_info: Any
     initial_scale: float | None
+    normalize: DeviceNormalize  # the workers' uint8 batches -> the model's float input, on the device
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -243,7 +247,10 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
     initial_scale = effective_initial_scale(model)
     if config.bn_only:
         freeze_all_but_norm(model, train_classifier=config.train_classifier)
-    loaders = build_loaders(config, data, *build_transforms(config, model))
+    train_pipeline, eval_pipeline = build_pipelines(config, model)
+    loaders = build_loaders(config, data, train_pipeline, eval_pipeline)
+    # workers hand over uint8; the device converts and normalises (both pipelines share build_transforms' mean/std)
+    normalize = DeviceNormalize(train_pipeline.mean, train_pipeline.std, accelerator.device, config.channels_last)
     optimizer = build_optimizer(config, model)
     # batch_size is the global batch (split over the processes): updates per epoch do not depend on their number
     updates_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
@@ -255,11 +262,15 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema else None
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
-               data_info, initial_scale)
+               data_info, initial_scale, normalize)
 
 
 def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> dict[str, Any]:
-    """One pass over the training data; returns the epoch's loss, learning rates and throughput."""
+    """One pass over the training data; returns the epoch's loss, learning rates and throughput.
+
+    Nothing in the loop waits for the device: the loss is summed there and read every ``LOG_INTERVAL`` steps for the
+    progress bar (when shown) and once at the end, so the host keeps queueing steps ahead of a GPU.
+    """
     config, accelerator, model = run.config, run.accelerator, run.model
     # accelerate's loader re-sets its sampler's epoch to its own pass counter (0 after a resume): tell it too
     run.train_loader.set_epoch(epoch)
@@ -268,11 +279,12 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
     model.train()
     torch.manual_seed(seed_for(config.seed, "train-noise", epoch))  # dropout / drop-path draws
     group_names = [g.get("name", str(i)) for i, g in enumerate(run.optimizer.param_groups)]
-    loss_sum, seen, started = 0.0, 0, time.time()
+    loss_sum = torch.zeros((), dtype=_sum_dtype(accelerator.device), device=accelerator.device)
+    seen, started = 0, time.time()
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
-    for images, labels in bar:
+    for step, (images, labels) in enumerate(bar, 1):
         with accelerator.accumulate(model):
-            loss = run.criterion(model(images), labels)
+            loss = run.criterion(model(run.normalize(images)), labels)
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
@@ -281,31 +293,44 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool) -> 
             run.scheduler.step_update(num_updates=state["num_updates"])
             if run.ema is not None:
                 run.ema.update(run.unwrapped, step=state["num_updates"])
-        loss_sum += float(loss.detach()) * labels.shape[0]
+        loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
         seen += labels.shape[0]
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if show and step % LOG_INTERVAL == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
     lrs = {name: group["lr"] for name, group in zip(group_names, run.optimizer.param_groups)}  # as last used
     if config.step_on_epochs:
         run.scheduler.step(epoch + 1)
+    # the epoch's one read, which also waits for its last step before the clock stops
+    loss = float(accelerator.reduce((loss_sum / max(seen, 1)).float(), "mean"))
     seconds = time.time() - started
     images = seen * accelerator.num_processes
     state["train_seconds"] += seconds
     state["train_images"] += images
-    loss = float(accelerator.reduce(torch.tensor(loss_sum / max(seen, 1), device=accelerator.device), "mean"))
     return {"train_loss": loss, "lrs": lrs, "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The loss sum's dtype: float64, the Python float's it was summed in before, so every reported loss is unchanged
+    to the bit; float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``loader``, gathered over processes."""
+def evaluate(model: nn.Module, loader: Any, accelerator: Any,
+             normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader``, gathered over processes; counted on the device, read once.
+
+    ``normalize`` (a :class:`~timm_bninit.data.DeviceNormalize`) turns the loader's uint8 batches into the model's
+    input; None: the loader's batches already are.
+    """
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
     for images, labels in loader:
-        predictions = model(images).argmax(dim=-1)
+        predictions = model(images if normalize is None else normalize(images)).argmax(dim=-1)
         predictions, labels = accelerator.gather_for_metrics((predictions, labels))
-        correct += int((predictions == labels).sum())
+        correct += (predictions == labels).sum()
         total += labels.numel()
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * int(correct) / max(total, 1)
 
 
 def validate(run: Run) -> dict[str, float]:
@@ -314,8 +339,11 @@ def validate(run: Run) -> dict[str, float]:
     # recalibration and every save use one set whatever the process count
     average_bn_statistics(run.accelerator, run.unwrapped, None if run.ema is None else run.ema.module)
     if run.config.precise_bn_batches:
-        recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config.precise_bn_batches)
-    return {name: evaluate(run.evaluated, loader, run.accelerator) for name, loader in run.eval_loaders.items()}
+        count = run.config.precise_bn_batches
+        batches = (run.normalize(images) for images, _ in itertools.islice(run.loaders.calibration, count))
+        recalibrate_bn_stats(run.evaluated, batches, max_batches=count)
+    return {name: evaluate(run.evaluated, loader, run.accelerator, run.normalize)
+            for name, loader in run.eval_loaders.items()}
 
 
 def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[str, Any]:
@@ -384,7 +412,7 @@ def _final_result(run: Run, state: dict[str, Any], started: float) -> dict[str, 
     for threshold in GAMMA_THRESHOLDS:
         with clamped_gammas(run.evaluated, threshold) as fraction:
             if fraction not in known:
-                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator)
+                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator, run.normalize)
             clamp.append({"threshold": threshold, "fraction": fraction, "test_acc": known[fraction]})
     return {
         "test_acc_at_best_val": state["test_at_best"], "best_epoch": state["best_epoch"],
