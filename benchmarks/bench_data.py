@@ -105,7 +105,7 @@ def recipe_transforms(recipe: str, augmentation: str | None = None) -> tuple[Any
     if augmentation is not None:
         config = apply_overrides(config, [f"augmentation={augmentation}"])
     # the recipe's pretrained tag decides the data config (interpolation, crop_pct); no weights are needed for that
-    model = timm.create_model(config["pretrained"], pretrained=False)
+    model = timm.create_model(config.pretrained, pretrained=False)
     return build_transforms(config, model)
 
 
@@ -267,7 +267,7 @@ def measure_pixels(sets: dict[str, list[dict]]) -> list[tuple[str, str, list[int
     for recipe, values in sets.items():
         for augmentation in (None, "rrc", "flip", "none"):
             train, evaluation = recipe_transforms(recipe, augmentation)
-            mode = augmentation or load_recipe(recipe)["augmentation"]
+            mode = augmentation or load_recipe(recipe).augmentation
             rows.append((recipe, f"{mode} train", *pixel_differences(values, train)))
             if augmentation is None or augmentation == "rrc":  # the two eval transforms: S×S + centre, timm's eval
                 rows.append((recipe, f"{mode} eval", *pixel_differences(values, evaluation)))
