@@ -39,14 +39,15 @@ import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
-try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # torchvision 0.29 deprecates its decoders for TorchCodec's; without them PIL decodes everything
-    decode_jpeg = None
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F2
 
 from ..errors import BNInitValueError
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # torchvision 0.29 deprecates its decoders for TorchCodec's; without them PIL decodes everything
+    decode_jpeg = None
 
 __all__ = ["PIPELINES", "DECODERS", "ImagePipeline", "DeviceNormalize", "decode_pil", "decode_rgb", "uint8_pipeline",
            "uint8_twin"]
