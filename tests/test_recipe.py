@@ -104,7 +104,7 @@ BAD_VALUES = {
     "warmup_epochs": ("abc", "-1"), "warmup_lr": ("abc", "-1"), "min_lr": ("abc", "-1"), "epochs": ("abc", "0"),
     "batch_size": ("2.5", "0"), "grad_accum_steps": ("abc", "0"), "label_smoothing": ("abc", "1"),
     "ema": ("maybe", None), "ema_decay": ("abc", "1"), "mixed_precision": ([1], "fp8"), "img_size": ("abc", "4"),
-    "augmentation": ([1], "bogus"), "precise_bn_batches": ("abc", "-1"), "seed": ("abc", "-1"),
+    "augmentation": ([1], "bogus"), "decode": ([1], "simd"), "precise_bn_batches": ("abc", "-1"), "seed": ("abc", "-1"),
     "train_per_class": ("abc", "0"), "input_bn": ("maybe", None), "protocol": ([1], "paper"),
     "sync_bn": ("maybe", None), "log_with": ([1], "neptune"), "channels_last": ("maybe", None),
     "fused_optimizer": ("maybe", None),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -391,7 +392,10 @@ def test_channels_last_trains_nhwc_weights_saves_plain_tensors_and_changes_only_
         assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
         assert weight.is_contiguous() is not channels_last
         images, labels = next(iter(run.train_loader))  # the same first batch (same seed) in both layouts
-        loss = run.criterion(run.model(images), labels)
+        inputs = run.normalize(images)  # the workers' uint8, laid out and normalised on the device
+        assert images.dtype == torch.uint8 and inputs.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        loss = run.criterion(run.model(inputs), labels)
         loss.backward()
         steps[channels_last] = loss.item(), [p.grad.clone() for p in run.unwrapped.parameters()]
     assert steps[True][0] == pytest.approx(steps[False][0], rel=1e-6)
@@ -419,7 +423,8 @@ def test_losses_per_epoch_equal_a_recomputation_on_the_saved_model(tiny_data, tm
     metrics = read_metrics(run_dir)
     assert all(set(record) == set(layout.METRICS_KEYS) for record in metrics)
     best = metrics[final["best_epoch"] - 1]
-    loaders = build_run(config, make_accelerator(config), tmp_path / "cache").loaders
+    run = build_run(config, make_accelerator(config), tmp_path / "cache")
+    loaders = run.loaders
     model = laid_out(config, build_model(config, 3))  # the run's layout, so the convolutions round alike
     model.load_state_dict(load_file(run_dir / "best_model.safetensors"))
     model.eval()
@@ -427,7 +432,7 @@ def test_losses_per_epoch_equal_a_recomputation_on_the_saved_model(tiny_data, tm
         losses, correct = [], 0
         with torch.no_grad():
             for images, labels in loader:
-                logits = model(images)
+                logits = model(run.normalize(images))  # the workers hand over uint8; the run normalises on the device
                 # plain cross-entropy (the recipe's label smoothing trains, it is not the reported loss), float64
                 losses += F.cross_entropy(logits.double(), labels, reduction="none").tolist()
                 correct += int((logits.argmax(-1) == labels).sum())
@@ -504,7 +509,9 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss_with_exit_code_3(tin
     for key in ("test_acc_at_best_val", "test_acc_last", "best_val_acc", "val_acc_last"):
         assert final[key] == 100 / 3, key
     assert final["best_epoch"] is None and final["gamma_clamp"] == []
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "final.json"]  # no epoch finished
+    # no epoch finished: what a run writes when it starts, and its result
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "final.json", "initial_gammas.json",
+                                                        "model_info.json"]
     # finished: never trained again; --resume returns it, with the same exit code
     assert finetune_main(["--recipe", str(recipe), "--set", "lr=100000", "--run-dir", str(run_dir), "--resume",
                           "--quiet"]) == 3
@@ -547,3 +554,38 @@ def test_ctrl_c_stops_a_run_at_a_step_boundary_and_the_printed_command_resumes_i
         assert got[key] == expected[key], key
     assert [m["train_loss"] for m in read_metrics(tmp_path / "stopped")] == \
         [m["train_loss"] for m in read_metrics(tmp_path / "whole")]
+
+
+def test_the_training_loop_reads_the_device_once_per_epoch_or_log_interval(tiny_data, tmp_path, monkeypatch):
+    from timm_bninit.experiment import train
+    from timm_bninit.experiment.distributed import make_accelerator
+
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    run = train.build_run(config, make_accelerator(config), tmp_path / "cache")
+    # every way a tensor's value reaches the host, each of which waits for the device's queued work; the DataLoader's
+    # own seed draw is left out: its tensor is on the CPU whatever the device
+    reads = []
+
+    def counting(name: str):
+        read = getattr(torch.Tensor, name)
+
+        def counted(self):
+            if not any("torch/utils/data" in frame.filename for frame in traceback.extract_stack(limit=4)):
+                reads.append(name)
+            return read(self)
+        return counted
+
+    for name in ("__float__", "__int__", "__bool__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    state = {"num_updates": 0, "train_seconds": 0.0, "train_images": 0}
+    steps = len(run.train_loader)
+    assert steps == 4  # 27 training images, batches of 6
+    train.train_one_epoch(run, 0, state, show=False)
+    assert reads == ["__float__"]  # the epoch's loss, once
+    reads.clear()
+    monkeypatch.setattr(train, "LOG_INTERVAL", 2)
+    train.train_one_epoch(run, 1, state, show=True)
+    assert reads == ["__float__"] * (steps // 2 + 1)  # the progress bar every 2 steps, then the epoch's loss
+    reads.clear()
+    train.evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator, run.normalize)
+    assert reads == ["__int__"]  # the correct predictions, counted on the device, read once

@@ -10,6 +10,7 @@ import timm
 import torch
 from PIL import Image
 
+from timm_bninit.data.pipeline import uint8_pipeline
 from timm_bninit.experiment.layout import RunError
 from timm_bninit.experiment.loaders import EpochIndex, SeededImageDataset, build_transforms, resize_crop_size
 from timm_bninit.experiment.model import build_model
@@ -100,6 +101,22 @@ def test_eval_is_the_square_resize_and_centre_crop_without_randomness(transforms
     # the centre 16×16 of the 20×20 resize starts at row 2 and column 2, unflipped
     assert where_from(first) == (2, 2, False)
     assert pixels(first)[1, 0].tolist() == [0] * 7 + [32, 223] + [255] * 7
+
+
+@pytest.mark.parametrize("decode", ["fast", "pil"])
+def test_the_uint8_pipelines_take_the_same_crops_and_pixels_as_the_float_transforms(transforms, decode):
+    # the pattern's resampling is exact (whole rows kept, the width halved), so even the fast resampler's pixels
+    # equal PIL's here; on photographs they may round a level apart (tests/test_pipeline.py)
+    stored = datasets.Image().encode_example(pattern())  # as a split stores it: PNG bytes
+    for transform in transforms:
+        handoff = uint8_pipeline(transform, decode)
+        for seed in range(6):
+            with rng_scope(seed):
+                expected = transform(pattern())
+            with rng_scope(seed):
+                image = handoff(stored)
+            assert image.dtype == torch.uint8 and (image.numpy() == pixels(expected)).all()
+            assert where_from(image.float() / 255) == where_from(expected)
 
 
 def test_two_methods_with_one_seed_see_the_same_augmented_tensors():

@@ -18,11 +18,14 @@ Example::
     data, info = load_image_dataset("cifar10", data_dir="/data")   # /data/cifar-10-batches-py/...
     data = with_transforms(data, create_transform(224, is_training=True), create_transform(224))
 
+:mod:`.pipeline` is the run's faster path: decoded and augmented to uint8 in the workers, normalised on the device.
+
 ``datasets``, scikit-learn and scipy are imported where they are used, so importing this package stays cheap.
 """
 
 from .errors import DatasetError, SkippedFile
 from .loading import ImageDatasetInfo, load_image_dataset, resolve_source
+from .pipeline import DeviceNormalize, ImagePipeline, decode_pil, decode_rgb, uint8_pipeline
 from .registry import DatasetSpec, HubCopy, get_dataset, list_datasets, register_dataset
 from .splits import add_validation_split
 from .transforms import ImageTransform, with_transforms
@@ -30,15 +33,20 @@ from .transforms import ImageTransform, with_transforms
 __all__ = [
     "DatasetError",
     "DatasetSpec",
+    "DeviceNormalize",
     "HubCopy",
     "ImageDatasetInfo",
+    "ImagePipeline",
     "ImageTransform",
     "SkippedFile",
     "add_validation_split",
+    "decode_pil",
+    "decode_rgb",
     "get_dataset",
     "list_datasets",
     "load_image_dataset",
     "register_dataset",
     "resolve_source",
+    "uint8_pipeline",
     "with_transforms",
 ]

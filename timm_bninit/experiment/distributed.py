@@ -50,8 +50,9 @@ def make_accelerator(config: Recipe, *, log_with: Any = None, project_dir: Path 
     accelerator = Accelerator(cpu=_wants_cpu(), mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps, log_with=log_with,
                               project_dir=project_dir,
+                              # non_blocking: the pinned uint8 batch's copy to a GPU overlaps the step
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False,
-                                                                        split_batches=True))
+                                                                        split_batches=True, non_blocking=True))
     if launched_world_size() != accelerator.num_processes:
         raise RunError(f"the launcher started {launched_world_size()} processes but accelerate sees "
                        f"{accelerator.num_processes}: they would race on one run directory; {LAUNCH_HELP}")

@@ -4,6 +4,9 @@ Augmentation of sample ``i`` in epoch ``e`` is a pure function of (run seed, e, 
 a pure function of (run seed, e): the same for every method, with any number of workers, and after a resume. The
 epoch travels with each index (:class:`EpochIndex`, from the sampler, which the main process iterates every epoch),
 not as an attribute of the data set, so DataLoader workers persist across epochs instead of being forked anew.
+
+Workers hand over uint8 images (:mod:`timm_bninit.data.pipeline`, chosen by the recipe key ``decode``); the run
+converts and normalises them on the device (``DeviceNormalize``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
 from timm.data import create_transform, resolve_model_data_config
 from timm.data.transforms import str_to_interp_mode
@@ -22,29 +26,44 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision import transforms as T
 
+from ..data.pipeline import DECODERS, ImagePipeline, uint8_pipeline
 from .layout import RunError
 from .recipe import Recipe, resize_crop_problem, resize_crop_size
 from .seeding import rng_scope, seed_for, seed_globals
 
 __all__ = ["EpochIndex", "SeededImageDataset", "EpochShuffleSampler", "Loaders", "build_transforms", "eval_data_config",
-           "build_loaders", "decoded_images", "resize_crop_size", "yield_cpu_to_training"]
+           "build_pipelines", "build_loaders", "decoded_images", "stored_images", "resize_crop_size",
+           "yield_cpu_to_training"]
 
 _DECODED: dict[str, list[Any]] = {}  # per process: decoded images of a split, shared by the runs of a sweep worker
 
 
-def decoded_images(rows: Any) -> list[Any]:
-    """Every image of a ``datasets`` split decoded once (RGB), memoised per process by the split's fingerprint."""
-    key = getattr(rows, "_fingerprint", None) or str(id(rows))
+def stored_images(rows: Any) -> Any:
+    """The split with its ``image`` column undecoded (``{'bytes', 'path'}``), for a pipeline's own decoder."""
+    feature = rows.features.get("image") if hasattr(rows, "features") else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return rows.cast_column("image", datasets.Image(decode=False))
+    return rows
+
+
+def _split_key(rows: Any) -> str:
+    return getattr(rows, "_fingerprint", None) or str(id(rows))
+
+
+def decoded_images(rows: Any, decode: str = "pil") -> list[Any]:
+    """Every image of a ``datasets`` split decoded once in RGB by the ``decode`` pipeline's decoder (PIL images for
+    ``pil``, uint8 tensors for ``fast``), memoised per process by the split's fingerprint."""
+    key = f"{_split_key(rows)}|{decode}"
     if key not in _DECODED:
-        _DECODED[key] = [image.convert("RGB") for image in rows["image"]]
+        _DECODED[key] = [DECODERS[decode](value) for value in stored_images(rows)["image"]]
     return _DECODED[key]
 
 
-def transformed_samples(rows: Any, transform: Any) -> list[Any]:
+def transformed_samples(rows: Any, transform: Any, decode: str = "pil") -> list[Any]:
     """Every image of a split through a deterministic transform, once per process (memoised like the decoding)."""
-    key = f"{getattr(rows, '_fingerprint', None) or id(rows)}|{transform!r}"
+    key = f"{_split_key(rows)}|{decode}|{transform!r}"
     if key not in _DECODED:
-        _DECODED[key] = [transform(image) for image in decoded_images(rows)]
+        _DECODED[key] = [transform(image) for image in decoded_images(rows, decode)]
     return _DECODED[key]
 
 
@@ -78,14 +97,18 @@ class SeededImageDataset(Dataset):
 
     Augmentation is then a pure function of the run seed, the epoch and the index: the same for every method, the
     same with any number of workers, and the same after a resume. The epoch is the index's own when it is an
-    :class:`EpochIndex` (what :class:`EpochShuffleSampler` yields), else the ``epoch`` attribute. ``classes`` keeps
-    a subset of the classes, relabelled 0..k-1 in the given order; ``preload`` decodes every image once instead of
-    on every access, and without a seed (a transform that draws nothing) also transforms it once.
+    :class:`EpochIndex` (what :class:`EpochShuffleSampler` yields), else the ``epoch`` attribute. ``transform`` is an
+    :class:`~timm_bninit.data.pipeline.ImagePipeline` (its decoder and uint8 transform), or any callable on the RGB
+    PIL image as ``datasets`` decodes it. ``classes`` keeps a subset of the classes, relabelled 0..k-1 in the given
+    order; ``preload`` decodes every image once instead of on every access, and without a seed (a transform that
+    draws nothing) also transforms it once.
     """
 
     def __init__(self, rows: Any, transform: Any, seed: int | None, classes: list[int] | None = None,
                  preload: bool = False):
-        self.rows, self.transform, self.seed, self.epoch = rows, transform, seed, 0
+        self.decode_with = transform.decode_with if isinstance(transform, ImagePipeline) else "pil"
+        self.transform = transform.transform if isinstance(transform, ImagePipeline) else transform
+        self.rows, self.seed, self.epoch = stored_images(rows), seed, 0
         labels = rows["label"]
         if classes is None:
             self.indices, self.labels = list(range(len(labels))), list(labels)
@@ -93,8 +116,9 @@ class SeededImageDataset(Dataset):
             relabel = {original: new for new, original in enumerate(classes)}
             self.indices = [i for i, label in enumerate(labels) if label in relabel]
             self.labels = [relabel[labels[i]] for i in self.indices]
-        self.images = decoded_images(rows) if preload else None
-        self.prepared = transformed_samples(rows, transform) if preload and seed is None else None
+        self.images = decoded_images(rows, self.decode_with) if preload else None
+        self.prepared = (transformed_samples(rows, self.transform, self.decode_with) if preload and seed is None
+                         else None)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -103,7 +127,7 @@ class SeededImageDataset(Dataset):
         row = self.indices[index]
         if self.prepared is not None:
             return self.prepared[row], self.labels[index]
-        image = self.images[row] if self.images is not None else self.rows[row]["image"].convert("RGB")
+        image = self.images[row] if self.images is not None else DECODERS[self.decode_with](self.rows[row]["image"])
         if self.seed is None:
             return self.transform(image), self.labels[index]
         seed = seed_for(self.seed, "augment", getattr(index, "epoch", self.epoch), int(index))
@@ -202,6 +226,13 @@ def build_transforms(config: Recipe, model: nn.Module) -> tuple[Any, Any]:
     return train_transform, eval_transform
 
 
+def build_pipelines(config: Recipe, model: nn.Module) -> tuple[ImagePipeline, ImagePipeline]:
+    """The train and eval transforms of :func:`build_transforms` as uint8 pipelines of the recipe's ``decode``: the
+    same crops, flips and jitter, decoded and augmented to uint8 in the workers, normalised on the device."""
+    train_transform, eval_transform = build_transforms(config, model)
+    return uint8_pipeline(train_transform, config.decode), uint8_pipeline(eval_transform, config.decode)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -230,6 +261,8 @@ def yield_cpu_to_training(worker_id: int) -> None:
 
 
 def build_loaders(config: Recipe, data: Any, train_transform: Any, eval_transform: Any) -> Loaders:
+    """The run's loaders over ``data``'s splits; the transforms are :func:`build_pipelines`' (or any
+    :class:`SeededImageDataset` takes)."""
     seed, batch, workers = config.seed, config.batch_size, config.num_workers
     subset = {"classes": config.classes, "preload": config.preload}
     # without augmentation the transform draws nothing: skip the per-sample random-state scope

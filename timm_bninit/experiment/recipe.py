@@ -32,6 +32,7 @@ from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_w
 
 from ..convert import BN_TRANSFER_POLICIES
 from ..data import DatasetError, get_dataset, list_datasets, resolve_source
+from ..data.pipeline import PIPELINES
 from ..errors import RecipeError, did_you_mean
 from ..norm import BatchNormGamma2d
 from ..registry import UnknownNormLayerError, resolve_norm_layer
@@ -225,9 +226,14 @@ class Recipe:
         "rrc", group="images",
         check=Check(lambda v: v in _AUGMENTATIONS or (resize_crop_size(v) or 0) >= 8,
                     "rrc, flip, none, or resize<S>_crop with S ≥ 8 such as resize600_crop"),
-        help="rrc: timm's random-resized-crop + flip | flip: flip only | none | resize<S>_crop (e.g. resize600_crop): "
-             "S×S resize, random img_size crop, flip; eval: S×S resize, centre crop (the fine-grained baselines' "
-             "pipeline, loaders.build_transforms)")
+        help="rrc: timm's create_transform training (random-resized crop, flip, colour jitter 0.4) | flip: flip only | "
+             "none | resize<S>_crop (e.g. resize600_crop): S×S resize, random img_size crop, flip; eval: S×S resize, "
+             "centre crop (the fine-grained baselines' pipeline, loaders.build_transforms)")
+    decode: str = key("fast", group="images", check=one_of(*PIPELINES),
+                      help="how the workers decode and augment: fast: torchvision's JPEG decoder and transforms.v2 on "
+                           "uint8 tensors, the same crops as pil, pixels a resampling rounding apart | pil: PIL decode "
+                           "and transforms, as runs had before (the study recipes pin it). Both hand uint8 to the "
+                           "device, which converts and normalises (data/pipeline.py)")
     # evaluation
     precise_bn_batches: int = key(0, group="evaluation", check=NONNEG,
                                   help="re-estimate BN statistics on this many train batches before each evaluation")

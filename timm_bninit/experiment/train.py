@@ -8,11 +8,12 @@ them: build data, model, optimizer and scheduler; ``accelerator.prepare`` once; 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..convert import recalibrate_bn_stats
-from ..data import get_dataset, load_image_dataset, resolve_source
+from ..data import DeviceNormalize, get_dataset, load_image_dataset, resolve_source
 from ..errors import BNInitError
 from ..gammas import bn_gammas
 from ..optim import param_group_fn
@@ -47,7 +48,7 @@ from .analysis import (
 from .checkpoint import load_checkpoint, raise_if_any_failed, remove_checkpoint, save_best_model, save_checkpoint
 from .distributed import average_bn_statistics, make_accelerator
 from .layout import RunError
-from .loaders import Loaders, build_loaders, build_transforms, eval_data_config
+from .loaders import Loaders, build_loaders, build_pipelines, eval_data_config
 from .lock import hold_run_dir
 from .model import build_model
 from .protocol import train_per_class_subset
@@ -57,6 +58,8 @@ from .stopping import RunDiverged, RunInterrupted, StepChecks, StopRequest, stop
 
 __all__ = ["RunError", "Run", "Training", "Evaluation", "build_training", "build_optimizer", "build_scheduler",
            "run_finetune", "train_one_epoch", "validate", "evaluate", "gamma_values"]
+
+LOG_INTERVAL = 50  # training steps between the progress bar's loss updates (timm's train.py --log-interval default)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Run:
     criterion: nn.Module
     data_info: Any
     initial_scale: float | None
+    normalize: DeviceNormalize  # the workers' uint8 batches -> the model's float input, on the device
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -253,7 +257,10 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
     initial_scale = effective_initial_scale(model)
     if config.bn_only:
         freeze_all_but_norm(model, train_classifier=config.train_classifier)
-    loaders = build_loaders(config, data, *build_transforms(config, model))
+    train_pipeline, eval_pipeline = build_pipelines(config, model)
+    loaders = build_loaders(config, data, train_pipeline, eval_pipeline)
+    # workers hand over uint8; the device converts and normalises (both pipelines share build_transforms' mean/std)
+    normalize = DeviceNormalize(train_pipeline.mean, train_pipeline.std, accelerator.device, config.channels_last)
     optimizer = build_optimizer(config, model)
     # batch_size is the global batch (split over the processes): updates per epoch do not depend on their number
     updates_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
@@ -265,12 +272,16 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema else None
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
-               data_info, initial_scale)
+               data_info, initial_scale, normalize)
 
 
 def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool,
                     checks: StepChecks | None = None) -> dict[str, Any]:
     """One pass over the training data; returns the epoch's loss, learning rates and throughput.
+
+    Nothing in the loop waits for the device: the loss is summed there and read every ``LOG_INTERVAL`` steps for the
+    progress bar (when shown) and once at the end, and ``checks`` reads its copy of the losses every few steps, so the
+    host keeps queueing steps ahead of a GPU.
 
     Raises:
         RunDiverged: A training loss was not finite (``checks`` reads the losses every few steps, on every rank).
@@ -286,11 +297,12 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool,
     model.train()
     torch.manual_seed(seed_for(config.seed, "train-noise", epoch))  # dropout / drop-path draws
     group_names = [g.get("name", str(i)) for i, g in enumerate(run.optimizer.param_groups)]
-    loss_sum, seen, started = 0.0, 0, time.time()
+    loss_sum = torch.zeros((), dtype=_sum_dtype(accelerator.device), device=accelerator.device)
+    seen, started = 0, time.time()
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
-    for images, labels in bar:
+    for step, (images, labels) in enumerate(bar, 1):
         with accelerator.accumulate(model):
-            loss = run.criterion(model(images), labels)
+            loss = run.criterion(model(run.normalize(images)), labels)
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad()
@@ -299,20 +311,29 @@ def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool,
             run.scheduler.step_update(num_updates=state["num_updates"])
             if run.ema is not None:
                 run.ema.update(run.unwrapped, step=state["num_updates"])
-        loss_sum += float(loss.detach()) * labels.shape[0]
+        loss_sum += loss.detach().to(loss_sum.dtype) * labels.shape[0]
         seen += labels.shape[0]
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if show and step % LOG_INTERVAL == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
         checks.after_step(loss)  # a copy on the device; read every few steps, where a divergence or a stop is raised
     checks.read()  # the epoch's last steps, before its evaluation and checkpoint
     lrs = {name: group["lr"] for name, group in zip(group_names, run.optimizer.param_groups)}  # as last used
     if config.step_on_epochs:
         run.scheduler.step(epoch + 1)
+    # the epoch's one read, which also waits for its last step before the clock stops
+    loss = float(accelerator.reduce((loss_sum / max(seen, 1)).float(), "mean"))
     seconds = time.time() - started
     images = seen * accelerator.num_processes
     state["train_seconds"] += seconds
     state["train_images"] += images
-    loss = float(accelerator.reduce(torch.tensor(loss_sum / max(seen, 1), device=accelerator.device), "mean"))
     return {"train_loss": loss, "lrs": lrs, "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The loss sums' dtype: float64, the Python float's the training loss was summed in before, so every reported
+    loss is unchanged to the bit (and a sum of thousands of float32 losses keeps its digits); float32 on Apple's MPS,
+    which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass(frozen=True)
@@ -329,19 +350,21 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any) -> Evaluation:
+def evaluate(model: nn.Module, loader: Any, accelerator: Any,
+             normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Evaluation:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``, gathered over processes.
 
     The counts and the loss sum stay on the device and are read once at the end, so no batch waits for the host.
+    ``normalize`` (a :class:`~timm_bninit.data.DeviceNormalize`) turns the loader's uint8 batches into the model's
+    input; None: the loader's batches already are.
     """
     model.eval()
     device = accelerator.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    # float64: a sum of thousands of float32 losses keeps its digits (MPS has no float64)
-    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
     total = 0
     for images, labels in loader:
-        logits = model(images)
+        logits = model(images if normalize is None else normalize(images))
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         # gathered with the predictions, so the samples that pad the last batch across processes leave both alike
         predictions, losses, labels = accelerator.gather_for_metrics((logits.argmax(dim=-1), losses, labels))
@@ -358,8 +381,11 @@ def validate(run: Run) -> dict[str, Evaluation]:
     # recalibration and every save use one set whatever the process count
     average_bn_statistics(run.accelerator, run.unwrapped, None if run.ema is None else run.ema.module)
     if run.config.precise_bn_batches:
-        recalibrate_bn_stats(run.evaluated, run.loaders.calibration, max_batches=run.config.precise_bn_batches)
-    return {name: evaluate(run.evaluated, loader, run.accelerator) for name, loader in run.eval_loaders.items()}
+        count = run.config.precise_bn_batches
+        batches = (run.normalize(images) for images, _ in itertools.islice(run.loaders.calibration, count))
+        recalibrate_bn_stats(run.evaluated, batches, max_batches=count)
+    return {name: evaluate(run.evaluated, loader, run.accelerator, run.normalize)
+            for name, loader in run.eval_loaders.items()}
 
 
 def _start_or_resume(run: Run, run_dir: Path, resume: bool, show: bool) -> dict[str, Any]:
@@ -446,7 +472,8 @@ def _gamma_clamp(run: Run, state: dict[str, Any]) -> list[dict[str, float]]:
     for threshold in GAMMA_THRESHOLDS:
         with clamped_gammas(run.evaluated, threshold) as fraction:
             if fraction not in known:
-                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator).accuracy
+                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator,
+                                           run.normalize).accuracy
             clamp.append({"threshold": threshold, "fraction": fraction, "test_acc": known[fraction]})
     return clamp
 
