@@ -575,17 +575,19 @@ def test_the_training_loop_reads_the_device_once_per_epoch_or_log_interval(tiny_
             return read(self)
         return counted
 
-    for name in ("__float__", "__int__", "__bool__", "item"):
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     state = {"num_updates": 0, "train_seconds": 0.0, "train_images": 0}
     steps = len(run.train_loader)
     assert steps == 4  # 27 training images, batches of 6
     train.train_one_epoch(run, 0, state, show=False)
-    assert reads == ["__float__"]  # the epoch's loss, once
+    # the divergence and stop check of the epoch's last steps (every 8 steps and at the epoch's end: once here), then
+    # the epoch's loss
+    assert reads == ["tolist", "__float__"]
     reads.clear()
     monkeypatch.setattr(train, "LOG_INTERVAL", 2)
     train.train_one_epoch(run, 1, state, show=True)
-    assert reads == ["__float__"] * (steps // 2 + 1)  # the progress bar every 2 steps, then the epoch's loss
+    assert reads == ["__float__"] * (steps // 2) + ["tolist", "__float__"]  # the bar every 2 steps, then as above
     reads.clear()
     train.evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator, run.normalize)
-    assert reads == ["__int__"]  # the correct predictions, counted on the device, read once
+    assert reads == ["tolist"]  # the correct predictions and the loss sum, kept on the device, read once together
