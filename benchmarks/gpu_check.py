@@ -8,8 +8,9 @@ Rows (``--rows`` picks some; what a GPU run must show and the figures to expect:
   on the CPU on the same values. Compared: output, input gradient, every parameter gradient, running statistics.
 * ``speed`` (figures; the compiled half is also a correctness row): forward+backward time of each of them against
   the device's own ``nn.BatchNorm2d`` (cuDNN on a GPU), eager and ``torch.compile``-d (``fullgraph=True``: a graph
-  break fails the row, and so does a compiled result that differs from eager), at ResNet-50's four stage shapes, in
-  the recipes' setting (bf16 autocast, channels_last).
+  break fails the row, and so does a compiled result that differs from eager; the variants that are plain BN at run
+  time compile to BN's graph and are not compiled again), at ResNet-50's four stage shapes, in the recipes' setting
+  (bf16 autocast, channels_last).
 * ``data`` (figures): the ``cub`` recipe's training data path, images/s with one worker and with every core.
 * ``finetune`` (the run must finish; figures): ``scripts/finetune.py --recipe cub`` on generated CUB-sized JPEGs
   (resnet50 from scratch, 448 px, bf16, channels_last, 2 epochs): images/s of the second epoch and peak memory; with
@@ -103,7 +104,7 @@ class Settings:
 def settings_for(args: argparse.Namespace) -> Settings:
     device = torch.device(args.device)
     if args.quick:
-        return Settings(device, True, (4, 16, 8, 8), 2, ((32, 8),), ("BatchNorm2d", "rbn"), 5, 2)
+        return Settings(device, True, (4, 16, 8, 8), 2, ((32, 8),), ("BatchNorm2d", "rbn"), 5, 5)
     return Settings(device, False, (8, 64, 14, 14), 32, RESNET50_STAGES, None, 15, 10)
 
 
@@ -266,6 +267,14 @@ def compile_checked(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tu
     return compiled, seconds, ratio
 
 
+def compiled_here(settings: Settings, name: str, layer: nn.Module) -> bool:
+    """Whether ``name`` is timed compiled: every layer but the variants that are plain BN at run time (their
+    compiled graph is BN's), or, with ``--quick``, only the few in ``settings.compiled``."""
+    if settings.compiled is not None:
+        return name in settings.compiled
+    return name == "BatchNorm2d" or not getattr(layer, "plain_bn_forward", False)
+
+
 def time_stage(settings: Settings, variants: dict[str, Callable[..., nn.Module]], channels: int, side: int,
                compiled_checks: dict[str, list[float]]) -> dict[tuple[str, str], list[float]]:
     """Per (layer, eager|compiled): its forward+backward seconds in each round (shuffled order every round)."""
@@ -274,7 +283,7 @@ def time_stage(settings: Settings, variants: dict[str, Callable[..., nn.Module]]
     for name, factory in variants.items():
         layer = make_layer(factory, channels, seed=3).to(settings.device, torch.float32)
         candidates[(name, "eager")] = layer
-        if settings.compiled is None or name in settings.compiled:
+        if compiled_here(settings, name, layer):
             try:
                 compiled, seconds, ratio = compile_checked(copy.deepcopy(layer), x, grad)
             except Exception as error:  # a graph break under fullgraph=True, or a compiler failure
@@ -354,6 +363,7 @@ def data_path_rates(folder: Path, cache: Path, img_size: int, augmentation: str,
     """
     from dataclasses import replace
 
+    import datasets
     import timm
     from bench_finetune import loader_images_per_s
 
@@ -361,6 +371,7 @@ def data_path_rates(folder: Path, cache: Path, img_size: int, augmentation: str,
     from timm_bninit.experiment.loaders import SeededImageDataset, build_transforms
     from timm_bninit.experiment.recipe import load_recipe
 
+    datasets.disable_progress_bars()  # the one-off cache build would print bars into the table's output
     config = replace(load_recipe("cub"), img_size=img_size, augmentation=augmentation)
     data, _ = load_image_dataset("imagefolder", data_dir=folder, cache_dir=cache, val_fraction=0)
     transform, _ = build_transforms(config, timm.create_model(config.model, pretrained=False))
@@ -616,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device here; pass --device cpu (with --quick for the small CPU rows)",
               file=sys.stderr)
         return 2
+    if settings.device.type == "cpu":
+        torch.set_num_threads(1)  # CPU figures only keep the script honest; threads spinning on a shared CPU blur them
     print(environment_text(settings.device), flush=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     started = time.perf_counter()
