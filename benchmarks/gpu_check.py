@@ -11,7 +11,8 @@ Rows (``--rows`` picks some; what a GPU run must show and the figures to expect:
   break fails the row, and so does a compiled result that differs from eager; the variants that are plain BN at run
   time compile to BN's graph and are not compiled again), at ResNet-50's four stage shapes, in the recipes' setting
   (bf16 autocast, channels_last).
-* ``data`` (figures): the ``cub`` recipe's training data path, images/s with one worker and with every core.
+* ``data`` (figures): the ``cub`` recipe's training data path (benchmarks/bench_data.py's DataLoader measurement),
+  images/s with one worker and with every core, the uint8 path against the float32 one it replaced.
 * ``finetune`` (the run must finish; figures): ``scripts/finetune.py --recipe cub`` on generated CUB-sized JPEGs
   (resnet50 from scratch, 448 px, bf16, channels_last, 2 epochs): images/s of the second epoch and peak memory; with
   ``--timm-train PATH``, timm's ``train.py`` on the same job (its own augmentation, AMP bf16, ``--channels-last``).
@@ -66,7 +67,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 from torch import nn
 
 import timm_bninit as tb
@@ -339,56 +339,43 @@ def geometric_mean(values: list[float]) -> float:
 # ---- the data path -------------------------------------------------------------------------------------------------
 
 
-def write_jpegs(root: Path, splits: dict[str, int], classes: int, size: tuple[int, int], seed: int = 0) -> None:
-    """An imagefolder tree of photo-like JPEGs (smooth random fields plus grain, quality 90) around ``size``
-    (width, height: ±20 %, as CUB's vary), so decoding and resizing cost what real images do."""
+def write_jpegs(root: Path, splits: dict[str, int], classes: int, seed: int = 0) -> None:
+    """An imagefolder tree of CUB-sized, photo-like JPEGs (benchmarks/bench_data.py's), so decoding and resizing cost
+    what CUB's images do."""
+    from bench_data import cub_size, photo_like_jpeg
+
     rng = np.random.default_rng(seed)
     for split, count in splits.items():
         for index in range(count):
-            width, height = (int(side * rng.uniform(0.8, 1.2)) for side in size)
-            field = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((width, height),
-                                                                                          Image.Resampling.BICUBIC)
-            pixels = np.asarray(field, dtype=np.float32) * 0.8 + rng.normal(0, 8, (height, width, 3))
             path = root / split / f"class{index % classes}" / f"{index:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+            path.write_bytes(photo_like_jpeg(rng, cub_size(rng)))
 
 
-def data_path_rates(folder: Path, cache: Path, img_size: int, augmentation: str, batch_size: int,
-                    workers: list[int]) -> dict[int, float]:
-    """Images/s of the ``cub`` recipe's training data path (decode, transform, collate) per DataLoader worker count.
+def data_path_rates(images: int, workers: list[int], batch_size: int) -> dict[tuple[str, int], float]:
+    """Images/s of the ``cub`` recipe's training data path through a DataLoader, per (path, worker count): the
+    project's ``fast`` uint8 path and the float32 path it replaced, on CUB-sized JPEGs (benchmarks/bench_data.py's
+    measurement, the first batch not counted)."""
+    from bench_data import cub_size, measure_loaders, stored_images
 
-    Measured on today's pipeline (the recipe's transforms, the seeded data set, the epoch sampler), the clock
-    started after the first batch; benchmarks/bench_data.py's own measurement replaces this once it exists.
-    """
-    from dataclasses import replace
-
-    import datasets
-    import timm
-    from bench_finetune import loader_images_per_s
-
-    from timm_bninit.data import load_image_dataset
-    from timm_bninit.experiment.loaders import SeededImageDataset, build_transforms
-    from timm_bninit.experiment.recipe import load_recipe
-
-    datasets.disable_progress_bars()  # the one-off cache build would print bars into the table's output
-    config = replace(load_recipe("cub"), img_size=img_size, augmentation=augmentation)
-    data, _ = load_image_dataset("imagefolder", data_dir=folder, cache_dir=cache, val_fraction=0)
-    transform, _ = build_transforms(config, timm.create_model(config.model, pretrained=False))
-    dataset = SeededImageDataset(data["train"], transform, config.seed)
-    return {count: loader_images_per_s(dataset, batch_size, count, config.seed, passes=1) for count in workers}
+    rates = measure_loaders({"cub": stored_images(images, cub_size, seed=0)}, workers, rounds=1,
+                            batch_size=batch_size, passes=1)
+    return {(path, count): rate for (_, path, count), rate in rates.items()}
 
 
-def data_rows(settings: Settings, work: Path) -> list[Row]:
+def data_rows(settings: Settings) -> list[Row]:
     cores = os.cpu_count() or 1
-    quick = settings.quick
-    count, size = (48, (100, 75)) if quick else (512, (500, 375))
-    folder = work / "data-path"
-    write_jpegs(folder, {"train": count, "test": 4}, classes=4, size=size)  # (an imagefolder needs a test split)
-    img_size, augmentation = (64, "resize80_crop") if quick else (448, "resize600_crop")
-    rates = data_path_rates(folder, work / "cache", img_size, augmentation, 8 if quick else 32, sorted({1, cores}))
-    return [Row("data path", f"cub recipe ({augmentation}, {img_size} px), JPEGs ≈ {size[0]}×{size[1]}",
-                f"1 worker {rates[1]:.0f} img/s; {cores} workers (every core) {rates[cores]:.0f} img/s")]
+    workers, batch = sorted({1, cores}), 16
+    images = 3 * batch * max(cores, 2 if settings.quick else 6)  # every worker fills a few batches
+    threads = torch.get_num_threads()
+    try:
+        rates = data_path_rates(images, workers, batch)
+    finally:
+        torch.set_num_threads(threads)  # (bench_data measures the main process on one thread)
+    text = "; ".join(f"{name} {rates[path, 1]:.0f} img/s with 1 worker, {rates[path, cores]:.0f} with {cores}"
+                     for name, path in (("uint8 path", "project fast (uint8)"), ("old float32 path",
+                                                                              "today (float32)")))
+    return [Row("data path", f"cub recipe (resize600_crop, 448 px), {images} CUB-sized JPEGs, batch {batch}", text)]
 
 
 # ---- a short fine-tuning run, and timm's train.py on the same job --------------------------------------------------
@@ -421,13 +408,12 @@ class Job:
     augmentation: str
     batch_size: int
     steps: int
-    source_size: tuple[int, int]
 
 
 def job_for(settings: Settings) -> Job:
     if settings.quick:
-        return Job("test_resnet", 64, "resize80_crop", 8, 3, (100, 75))
-    return Job("resnet50", 448, "resize600_crop", 32, 16, (500, 375))
+        return Job("test_resnet", 64, "resize80_crop", 8, 3)
+    return Job("resnet50", 448, "resize600_crop", 32, 16)
 
 
 def run_with_peak(args: list[str], log: Path, device: torch.device,
@@ -457,7 +443,7 @@ def peak_text(peak: dict[str, float]) -> str:
 def finetune_rows(settings: Settings, work: Path, timm_train: Path | None) -> list[Row]:
     job, classes, workers = job_for(settings), 4, min(os.cpu_count() or 1, 8)
     folder = work / "finetune"
-    write_jpegs(folder, {"train": job.batch_size * job.steps, "test": 2 * job.batch_size}, classes, job.source_size)
+    write_jpegs(folder, {"train": job.batch_size * job.steps, "test": 2 * job.batch_size}, classes)
     sets = {"dataset": "imagefolder", "data_dir": folder, "model": job.model, "pretrained": "false",
             "img_size": job.img_size, "augmentation": job.augmentation, "batch_size": job.batch_size, "epochs": 2,
             "val_fraction": 0, "precise_bn_batches": 0, "num_workers": 0 if settings.quick else workers,
@@ -605,7 +591,7 @@ def environment_text(device: torch.device) -> str:
 def run_rows(settings: Settings, rows: list[str], work: Path, timm_train: Path | None) -> list[Row]:
     variants = distinct_variants()
     steps = {"layers": lambda: layer_rows(settings, variants), "speed": lambda: speed_rows(settings, variants),
-             "data": lambda: data_rows(settings, work), "finetune": lambda: finetune_rows(settings, work, timm_train),
+             "data": lambda: data_rows(settings), "finetune": lambda: finetune_rows(settings, work, timm_train),
              "sync": lambda: sync_rows(settings, work)}
     table = []
     for name in rows:

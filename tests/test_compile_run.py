@@ -114,11 +114,12 @@ def recording_evaluations(monkeypatch) -> list[torch.Tensor]:
     """Make every evaluation of a run also record its logits (one more pass of the same module, outside the count)."""
     logits: list[torch.Tensor] = []
 
-    def recording(model, loader, accelerator):
+    def recording(model, loader, accelerator, normalize=None):
         model.eval()
         with torch.no_grad():
-            logits.append(torch.cat([model(images).float() for images, _ in loader]))
-        return EVALUATE(model, loader, accelerator)
+            logits.append(torch.cat([model(images if normalize is None else normalize(images)).float()
+                                     for images, _ in loader]))
+        return EVALUATE(model, loader, accelerator, normalize)
 
     monkeypatch.setattr(train, "evaluate", recording)
     return logits
