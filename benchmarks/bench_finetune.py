@@ -28,12 +28,22 @@ other processes kept busy (``/proc/stat`` minus this process and its DataLoader 
 The data pipeline alone (data set + transform through a DataLoader, no model) is also timed with 0 and 1 workers,
 with a breakdown of decode, transform and the per-sample seeding.
 
+``--compile`` measures something else: when ``compile: true`` pays. The pipeline runs eager and compiled (recipe key
+``compile``, inductor), paired in shuffled rounds, for ``--epochs`` epochs (at least 3); from each run's
+``metrics.jsonl`` and ``final.json`` it reports the steady step time (epochs after the first), the compile time of the
+training graph (the first epoch's excess over a steady one, beyond eager's own first-epoch excess), the whole run's
+extra wall time (evaluation's compiled graphs included) and the number of updates after which compiling has paid for
+itself. Before every compiled run torch's in-process compile cache is reset, as a new process starts; inductor's
+on-disk cache is not, so the first round compiles cold (unless an earlier run left the same graphs) and later rounds
+show what a second run of a sweep pays.
+
 Example::
 
     python benchmarks/bench_finetune.py                 # resnet18, 64 px, batch 32, 10 steps x 2 epochs, 3 rounds
     python benchmarks/bench_finetune.py --steps 8 --rounds 5   # the run in benchmarks/HISTORY.md
     python benchmarks/bench_finetune.py --workers 0 2 --threads 2
     python benchmarks/bench_finetune.py --quick         # smoke run: test_resnet, 1 round
+    python benchmarks/bench_finetune.py --compile --workers 0 --epochs 4 --rounds 2 --norm-layer rbn
 """
 
 from __future__ import annotations
@@ -277,6 +287,9 @@ def main() -> None:
     parser.add_argument("--augmentation", default="rrc", choices=("rrc", "flip", "none"))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead: the pipeline eager against compile: true (at the first --workers setting): "
+                             "compile time against the per-step gain")
     parser.add_argument("--quick", action="store_true", help="smoke run: test_resnet, 32 px, 3 steps, 1 round")
     args = parser.parse_args()
     if args.quick:
@@ -319,6 +332,9 @@ def benchmark(args: argparse.Namespace, threads: int, work: Path) -> None:
           f"{args.epochs} epochs per candidate, {args.rounds} clean rounds wanted (at most {args.max_rounds}), "
           f"shuffled order")
     print(f"{num_train} training JPEGs written and cached in {prepared:.1f} s under {work}\n", flush=True)
+    if args.compile:
+        compare_compiled(args, config, work, cache)
+        return
 
     data_rows = measure_data_pipeline(data["train"], train_transform, args.batch_size, config.seed,
                                       passes=1 if args.quick else 2, repeats=1 if args.quick else 3)
@@ -368,6 +384,59 @@ def benchmark(args: argparse.Namespace, threads: int, work: Path) -> None:
         print(f"WARNING: no round was clean (other processes busy > {args.max_other_load} cores); all rounds used")
     print_table(kept, candidates, len(rounds), threads)
     print(f"\nWall time of the benchmark: {time.perf_counter() - started:.0f} s")
+
+
+# ---- compile: true against eager -----------------------------------------------------------------------------------
+
+
+def run_record(config: Recipe, run_dir: Path, cache: Path, steps: int) -> dict[str, float]:
+    """One run's figures from its ``metrics.jsonl`` and ``final.json``: the first epoch's seconds, the steady step
+    (median over the later epochs), and the whole run's wall time (training, evaluation and checkpoints)."""
+    if config.compile:
+        torch._dynamo.reset()  # compile as a new process would (inductor's on-disk cache stays)
+    started = time.perf_counter()
+    final = run_finetune(config, run_dir, quiet=True, data_cache_dir=cache)
+    wall = time.perf_counter() - started
+    seconds = [json.loads(line)["epoch_seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = statistics.median(seconds[1:])
+    return {"first_epoch": seconds[0], "steady_epoch": steady, "step": steady / steps, "wall": wall,
+            "test_acc": final["test_acc_last"]}
+
+
+def compare_compiled(args: argparse.Namespace, config: Recipe, work: Path, cache: Path) -> None:
+    """Eager against ``compile: true``, paired rounds in shuffled order: step time, compile time, break-even."""
+    config = replace(config, num_workers=args.workers[0], epochs=max(args.epochs, 3))
+    order_rng, rounds = random.Random(0), []
+    for index in range(args.rounds):
+        this_round = {}
+        for compiled in order_rng.sample([False, True], 2):
+            name = f"{'compiled' if compiled else 'eager'}-r{index}"
+            this_round[compiled] = run_record(replace(config, compile=compiled), work / "runs" / name, cache,
+                                              args.steps)
+            record = this_round[compiled]
+            print(f"  round {index + 1}: {name.split('-')[0]:<9} first epoch {record['first_epoch']:7.1f} s, steady "
+                  f"step {record['step'] * 1000:7.1f} ms, whole run {record['wall']:7.1f} s", flush=True)
+        rounds.append(this_round)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    header = (f"{'round':<7}{'eager step ms':>14}{'compiled step ms':>18}{'ratio':>7}{'compile s (train)':>19}"
+              f"{'extra wall s':>14}{'break-even updates':>20}")
+    print(header)
+    print("-" * len(header))
+    for index, pair in enumerate(rounds):
+        eager, compiled = pair[False], pair[True]
+        train_compile = (compiled["first_epoch"] - compiled["steady_epoch"]) - (eager["first_epoch"] -
+                                                                                 eager["steady_epoch"])
+        gain = eager["step"] - compiled["step"]
+        updates = config.epochs * args.steps
+        overhead = compiled["wall"] - eager["wall"] + updates * gain  # all the run's extra time but the steps' gain
+        even = f"{overhead / gain:,.0f}" if gain > 0 else "never (no gain)"
+        print(f"{index + 1:<7}{eager['step'] * 1000:>14.1f}{compiled['step'] * 1000:>18.1f}"
+              f"{compiled['step'] / eager['step']:>7.3f}{train_compile:>19.1f}{compiled['wall'] - eager['wall']:>14.1f}"
+              f"{even:>20}")
+    print(f"\n{config.model} ({config.norm_layer or 'BN'}), batch {config.batch_size}, {config.img_size} px, "
+          f"{args.steps} steps x {config.epochs} epochs, num_workers={config.num_workers}, inductor, mode default. "
+          f"'compile s (train)': the training graph's compile time; 'extra wall s': compiled run - eager run, "
+          f"evaluation's graphs included; 'break-even updates': (extra wall + updates x step gain) / step gain.")
 
 
 def clean(round_results: dict[str, dict[str, Any]], max_other_load: float) -> bool:

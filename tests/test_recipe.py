@@ -110,7 +110,7 @@ BAD_VALUES = {
     "augmentation": ([1], "bogus"), "decode": ([1], "simd"), "precise_bn_batches": ("abc", "-1"), "seed": ("abc", "-1"),
     "train_per_class": ("abc", "0"), "input_bn": ("maybe", None), "protocol": ([1], "paper"),
     "sync_bn": ("maybe", None), "log_with": ([1], "neptune"), "channels_last": ("maybe", None),
-    "fused_optimizer": ("maybe", None),
+    "fused_optimizer": ("maybe", None), "compile": ("maybe", None), "compile_mode": ([1], "fastest"),
     "decay_milestones": ("abc", "[0, 5]"), "decay_rate": ("abc", "0"), "imports": ("abc", "[1]"),
 }
 

@@ -40,7 +40,7 @@ from ..registry import UnknownNormLayerError, resolve_norm_layer
 __all__ = ["Recipe", "RecipeKey", "KEYS", "GROUPS", "OFFICIAL_PROTOCOL", "RecipeError", "key", "Check", "one_of",
            "named", "ANY", "NONNEG", "POSITIVE", "AT_LEAST_1", "FRACTION", "check_config", "recipe_dir",
            "list_recipes", "load_recipe", "recipe_from_mapping", "apply_overrides", "import_user_modules",
-           "keys_text", "resize_crop_size", "resize_crop_problem"]
+           "keys_text", "resize_crop_size", "resize_crop_problem", "COMPILE_MODES"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +118,8 @@ def _class_list(value: list) -> bool:
 
 _TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "wsd", "rsqrt")
 _AUGMENTATIONS = ("rrc", "flip", "none")
+# torch.compile's modes in every torch the project supports (torch._inductor.list_mode_options(), torch ≥ 2.4)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +222,13 @@ class Recipe:
     channels_last: bool = key(True, group="optimisation",
                               help="NHWC weights, so activations follow: faster convolutions, BN and pooling on CPUs "
                                    "(oneDNN) and GPUs; numbers differ from NCHW by float rounding only")
+    compile: bool = key(False, group="optimisation",
+                        help="torch.compile the model (inductor) for training and evaluation, as timm's "
+                             "--torchcompile: the same steps up to float rounding, faster once compiled; compiling "
+                             "takes minutes first, so it pays on long GPU runs (docs/guide/finetuning.md)")
+    compile_mode: str | None = key(None, group="optimisation", check=one_of(*COMPILE_MODES),
+                                   help="with compile: torch.compile's mode (reduce-overhead: CUDA graphs; "
+                                        "max-autotune: longer compilation, tuned kernels); null: default")
     # images
     img_size: int = key(224, group="images", check=Check(lambda v: v >= 8, "≥ 8"), help="training and eval crop (px)")
     augmentation: str = key(
@@ -519,7 +528,8 @@ def _check_model(recipe: Recipe) -> None:
 def check_config(recipe: Recipe) -> None:
     """Refuse, before any work, what cannot run: a value of the wrong type or range (also in a recipe built in
     code), a module of ``imports`` that cannot be imported, an unknown data set, model, norm layer or optimizer, a
-    γ0 for a layer that has none, a resize smaller than the crop, a missing tracker or weights file."""
+    γ0 for a layer that has none, a compile mode without compile, a resize smaller than the crop, a missing tracker or
+    weights file."""
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"check_config expects a Recipe (load_recipe, apply_overrides, or recipe_from_mapping for a "
                           f"mapping of keys to values), got {type(recipe).__name__}")
@@ -529,6 +539,9 @@ def check_config(recipe: Recipe) -> None:
     import_user_modules(recipe.imports)  # before any name is resolved: they may register the names used below
     _check_data(recipe)
     _check_model(recipe)
+    if recipe.compile_mode is not None and not recipe.compile:
+        raise RecipeError(f"recipe key 'compile_mode': {recipe.compile_mode!r} is a mode of torch.compile, but compile "
+                          f"is false; set compile=true, or compile_mode=null")
     problem = resize_crop_problem(recipe.augmentation, recipe.img_size)
     if problem is not None:
         raise RecipeError(f"recipe key 'augmentation': {problem}")

@@ -22,6 +22,7 @@ import accelerate
 import datasets
 import timm
 import torch
+from accelerate.utils import is_compiled_module
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
@@ -79,15 +80,23 @@ class Run:
     data_info: Any
     initial_scale: float | None
     normalize: DeviceNormalize  # the workers' uint8 batches -> the model's float input, on the device
+    compiled_evaluated: nn.Module | None = None  # ``evaluated`` through torch.compile, with the recipe's ``compile``
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        # the module itself, without the compiled wrapper (whose state-dict keys carry ``_orig_mod.``; accelerate's
+        # unwrap_model keeps or strips that wrapper depending on its version) or DDP's
+        return self.accelerator.unwrap_model(getattr(self.model, "_orig_mod", self.model))
 
     @property
     def evaluated(self) -> nn.Module:
         """The weights that are evaluated and saved: the EMA when the recipe asks for one."""
         return self.ema.module if self.ema is not None else self.unwrapped
+
+    @property
+    def evaluator(self) -> nn.Module:
+        """What evaluates ``evaluated``: the same module, compiled when the recipe compiles."""
+        return self.compiled_evaluated if self.compiled_evaluated is not None else self.evaluated
 
 
 def build_optimizer(config: Recipe, model: nn.Module) -> Any:
@@ -266,13 +275,23 @@ def build_run(config: Recipe, accelerator: Any, data_cache_dir: str | os.PathLik
     updates_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
+    if config.compile and not is_compiled_module(model):  # (`accelerate launch --dynamo_backend` compiles it itself)
+        # after prepare, as accelerate's dynamo plugin does (DDP's buckets split the graph; accelerate's checkpoints
+        # hold the module given to prepare, so their keys stay plain), but with the recipe's mode rather than the
+        # launcher's environment
+        model = torch.compile(model, mode=config.compile_mode)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in
                     (("validation", loaders.validation), ("test", loaders.test)) if loader is not None}
     start_workers(*eval_loaders.values(), *([loaders.calibration] if config.precise_bn_batches else []))
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay) if config.ema else None
+    ema = ModelEmaV3(accelerator.unwrap_model(getattr(model, "_orig_mod", model)), decay=config.ema_decay) \
+        if config.ema else None
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
-               data_info, initial_scale, normalize)
+    run = Run(config, accelerator, model, optimizer, scheduler, loaders, train_loader, eval_loaders, ema, criterion,
+              data_info, initial_scale, normalize)
+    if config.compile:  # as timm's --torchcompile: evaluation through its own compiled module (the EMA's, or the
+        # model's without DDP); BN recalibration and the saved weights use the module itself
+        run.compiled_evaluated = torch.compile(run.evaluated, mode=config.compile_mode)
+    return run
 
 
 def train_one_epoch(run: Run, epoch: int, state: dict[str, Any], show: bool,
@@ -384,7 +403,7 @@ def validate(run: Run) -> dict[str, Evaluation]:
         count = run.config.precise_bn_batches
         batches = (run.normalize(images) for images, _ in itertools.islice(run.loaders.calibration, count))
         recalibrate_bn_stats(run.evaluated, batches, max_batches=count)
-    return {name: evaluate(run.evaluated, loader, run.accelerator, run.normalize)
+    return {name: evaluate(run.evaluator, loader, run.accelerator, run.normalize)
             for name, loader in run.eval_loaders.items()}
 
 
@@ -472,7 +491,7 @@ def _gamma_clamp(run: Run, state: dict[str, Any]) -> list[dict[str, float]]:
     for threshold in GAMMA_THRESHOLDS:
         with clamped_gammas(run.evaluated, threshold) as fraction:
             if fraction not in known:
-                known[fraction] = evaluate(run.evaluated, run.eval_loaders["test"], run.accelerator,
+                known[fraction] = evaluate(run.evaluator, run.eval_loaders["test"], run.accelerator,
                                            run.normalize).accuracy
             clamp.append({"threshold": threshold, "fraction": fraction, "test_acc": known[fraction]})
     return clamp
