@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from fake_datasets import make_imagefolder
+from run_files import files_named
 from scipy import stats
 
 from timm_bninit.experiment.cli import compare_main, finetune_main
@@ -80,7 +81,7 @@ def test_sweep_killed_resumed_and_reported(tiny_recipe, tmp_path):
             "--out", str(out), "--data-cache-dir", str(tmp_path / "cache")]
     first = _launch(args, tmp_path / "first.log")
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.rglob("final.json"))) < 2:
+    while time.time() < deadline and len(files_named(out, "final.json")) < 2:
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
@@ -254,7 +255,7 @@ def test_a_stopped_sweep_reports_interrupted_runs_and_the_same_command_resumes_t
             "epochs=5", "--out", str(out), "--data-cache-dir", str(tmp_path / "cache"), "--parallel", str(parallel)]
     first = _launch(args, tmp_path / "first.log")
     deadline = time.time() + 300
-    while not list(out.rglob("trainer_state.json")) and time.time() < deadline:
+    while not files_named(out, "trainer_state.json") and time.time() < deadline:
         time.sleep(0.02)
     first.send_signal(signum)  # to the sweep's process only (a parallel sweep's workers leave Ctrl-C to it)
     assert first.wait(timeout=120) == 128 + signum, (tmp_path / "first.log").read_text()
