@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from timm_bninit import (
     InstanceEnhancementBatchNormAct2d,
     RepresentativeBatchNorm2d,
     RepresentativeBatchNormAct2d,
+    native_kernels,
     norm_kernels,
 )
 
@@ -63,6 +65,20 @@ def make_input(seed: int, n: int = 3, h: int = 2, w: int = 3, offset: float = 2.
     means = offset * torch.randn(n, C, 1, 1, generator=gen, dtype=torch.float64)
     scales = 0.5 + 2.0 * torch.rand(n, C, 1, 1, generator=gen, dtype=torch.float64)
     return (means + scales * torch.randn(n, C, h, w, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+@pytest.fixture(autouse=True, params=["native", "stock"])
+def kernels(request, monkeypatch) -> str:
+    """Every test twice: with the C plane kernels (``native_kernels``, the default on a CPU with a C compiler) and
+    with BN's stock kernels and the closed form (the path without a compiler, under torch.compile and with
+    synchronised statistics)."""
+    if request.param == "stock":
+        monkeypatch.setattr(native_kernels, "usable", lambda x: False)
+    elif native_kernels.library() is None:
+        if any(shutil.which(name) for name in ("cc", "gcc", "clang")):
+            pytest.fail("a C compiler is installed but the plane kernels did not build (see the warning)")
+        pytest.skip("no C compiler: the C plane kernels cannot be built here")
+    return request.param
 
 
 # the three ways the kernels run, by the input's layout: BN's kernels on the planes view of an NCHW-contiguous batch,
@@ -222,8 +238,23 @@ def test_matches_formula_float64(kind, case, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch):
-    """A channels_last batch takes BN's kernels sample by sample (the fast path), not the portable ops."""
+def _record_native_calls(monkeypatch, *names: str) -> list[str]:
+    calls = []
+
+    def recording(name, function):
+        def call(*args):
+            calls.append(name)
+            return function(*args)
+        return call
+
+    for name in names:
+        monkeypatch.setattr(native_kernels, name, recording(name, getattr(native_kernels, name)))
+    return calls
+
+
+def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch, kernels):
+    """A channels_last batch takes the C kernels when they are built (one forward and one backward call for the
+    whole batch), else BN's kernels sample by sample (the fast stock path), never the portable ops."""
     calls = []
     update_stats = torch.batch_norm_update_stats
 
@@ -239,14 +270,19 @@ def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch):
 
     monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
     monkeypatch.setattr(norm_kernels, "_bn_grad_sums", recording_grad_sums)
+    native_calls = _record_native_calls(monkeypatch, "iebn_forward", "iebn_backward")
     x = laid_out(make_input(13, n=4, h=5, w=6), "samples").requires_grad_()
     make("iebn")(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
-    assert calls == [("stats", (1, C, 5, 6), True)] * 4 + [("grad sums", (1, C, 5, 6), True)] * 4
+    if kernels == "native":
+        assert (calls, native_calls) == ([], ["iebn_forward", "iebn_backward"])
+    else:
+        assert native_calls == []
+        assert calls == [("stats", (1, C, 5, 6), True)] * 4 + [("grad sums", (1, C, 5, 6), True)] * 4
 
 
-def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypatch):
-    """Blended σ's coefficients are per channel: its channels_last step is BN's statistics and BN's own backward,
-    each called once on the whole batch."""
+def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypatch, kernels):
+    """Blended σ's coefficients are per channel: its channels_last step is one C forward and backward call, or BN's
+    statistics and BN's own backward, each called once on the whole batch."""
     calls = []
     update_stats = torch.batch_norm_update_stats
     step_backward = norm_kernels._batchnorm_step_backward
@@ -261,11 +297,16 @@ def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypat
 
     monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
     monkeypatch.setattr(norm_kernels, "_batchnorm_step_backward", recording_step_backward)
+    native_calls = _record_native_calls(monkeypatch, "blend_forward", "blend_backward")
     layer = make("blend")
     for _ in range(2):  # the first step (σ_B alone) and a blended one
         x = laid_out(make_input(15, n=4, h=5, w=6), "samples").requires_grad_()
         layer(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
-    assert calls == [("stats", (4, C, 5, 6)), ("backward", (4, C, 5, 6))] * 2
+    if kernels == "native":
+        assert (calls, native_calls) == ([], ["blend_forward", "blend_backward"] * 2)
+    else:
+        assert native_calls == []
+        assert calls == [("stats", (4, C, 5, 6)), ("backward", (4, C, 5, 6))] * 2
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

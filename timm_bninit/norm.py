@@ -32,6 +32,7 @@ import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from . import native_kernels
 from .errors import BNInitValueError
 from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane, plane_affine, read_state
 
@@ -339,11 +340,32 @@ class _CalibratedBase(BatchNormVariant):
         return f"{super().extra_repr()}, sync_batch_stats=True" if self.sync_batch_stats else super().extra_repr()
 
     _backward_matches_forward: bool = False  # per class, set when the class is created (see __init_subclass__)
+    _native_matches_forward: bool = False  # the same for _native_forward (see __init_subclass__)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         # decided once per class: a plain attribute read in forward, which torch.compile traces as a constant
         cls._backward_matches_forward = _has_own_backward(cls)
+        cls._native_matches_forward = _has_own_native_step(cls)
+
+    def _native_step(self, x: torch.Tensor) -> bool:
+        """Whether this training step runs in the C kernels (:mod:`~timm_bninit.native_kernels`): the class's
+        coefficient methods are those the kernels compute, the statistics are local, and ``x`` is a float CPU tensor
+        in NCHW or channels_last, eager. Otherwise :class:`~timm_bninit.norm_kernels.PlaneAffineFunction` runs the
+        Python closed form, with the same results."""
+        return (self._native_matches_forward and not torch.compiler.is_compiling() and self._sync_group() is None
+                and native_kernels.usable(x))
+
+    def _native_forward(self, x: torch.Tensor, *params: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+        """Optional, for speed (a built-in layer's C step): y, the batch's μ and biased σ², and what
+        :meth:`_native_backward` needs, computed as :meth:`_batch_coefficients` and ``x·A + B'`` would."""
+        raise NotImplementedError
+
+    def _native_backward(self, saved: tuple, grad_y: torch.Tensor, x: torch.Tensor, input_grad: bool
+                         ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """Optional, with :meth:`_native_forward`: dx (None unless ``input_grad``) and the parameters' gradients."""
+        raise NotImplementedError
 
     def uses_fused_backward(self) -> bool:
         """Whether training takes the hand-written backward (:class:`PlaneAffineFunction`) rather than autograd."""
@@ -388,6 +410,28 @@ class _CalibratedBase(BatchNormVariant):
 # The forward methods a hand-written backward is derived from. A subclass that overrides one of them below the class
 # whose _batch_coefficients_backward it inherits would pair a new forward with an old backward: it takes autograd.
 _COEFFICIENT_METHODS = ("_calibration_params", "_batch_coefficients", "_coefficients", "_batch_mean_var")
+
+
+# What a layer's C step hard-codes besides the coefficient methods: a subclass that overrides any of these below the
+# class that wrote _native_forward computes something else, so it runs the Python closed form.
+_NATIVE_METHODS = (*_COEFFICIENT_METHODS, "_batch_coefficients_backward", "_batchnorm_backward_coefficients",
+                   "_moments_backward", "_stats_dtype")
+
+
+def _has_own_native_step(layer_type: type) -> bool:
+    """Whether ``layer_type``'s C step (``_native_forward``) belongs to its coefficient methods (walks the MRO)."""
+    for klass in layer_type.__mro__:
+        defined = vars(klass)
+        if "_native_forward" in defined:
+            return klass is not _CalibratedBase
+        if any(name in defined for name in _NATIVE_METHODS):
+            return False
+    return False
+
+
+def _native_params(dtype: torch.dtype, *params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Parameters as the C kernels read them: contiguous, in the statistics' dtype."""
+    return tuple(None if p is None else p.to(dtype).contiguous() for p in params)
 
 
 def _has_own_backward(layer_type: type) -> bool:
@@ -468,6 +512,21 @@ class _RBNBase(_CalibratedBase):
         saved = (mean_nc, centering_weight.to(dtype), centered_mean, gap_normalized, inv_std, sigmoid, calibration,
                  scale, gamma, logit_weight)
         return scale, shift, saved
+
+    @property
+    def _calibration_factor(self) -> float:
+        """k in s = k·σ(z): 1/σ(w_b0) with ``identity_init``, else 1."""
+        return 1.0 / _sigmoid(self.scaling_bias_init) if self.identity_init else 1.0
+
+    def _native_forward(self, x, *params):
+        params = _native_params(x.dtype, *params)
+        y, mean, var, state = native_kernels.rbn_forward(x, self.eps, self._calibration_factor, *params)
+        return y, mean, var, (state, params)
+
+    def _native_backward(self, saved, grad_y, x, input_grad):
+        state, (weight, _, centering_weight, scaling_weight, _) = saved
+        return native_kernels.rbn_backward(grad_y, x, state, self._calibration_factor, weight, centering_weight,
+                                           scaling_weight, input_grad)
 
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
         # x_c = x + w_m·GAP(x) shifts each (n, c) plane by a constant: its within-plane variance is unchanged, so
@@ -562,6 +621,21 @@ class _IEBNBase(_CalibratedBase):
         scale = attention * gain
         saved = (mean_nc, inv_std, sigmoid, attention, scale, gamma, logit_weight)
         return scale, self._affine_shift(beta, scale, mean), saved
+
+    @property
+    def _calibration_factor(self) -> float:
+        """k in a = k·σ(z): 1/σ(β̂0) with ``identity_init``, else 1."""
+        return 1.0 / _sigmoid(self.instance_bias_init) if self.identity_init else 1.0
+
+    def _native_forward(self, x, *params):
+        params = _native_params(x.dtype, *params)
+        y, mean, var, state = native_kernels.iebn_forward(x, self.eps, self._calibration_factor, *params)
+        return y, mean, var, (state, params)
+
+    def _native_backward(self, saved, grad_y, x, input_grad):
+        state, (weight, _, instance_weight, _) = saved
+        return native_kernels.iebn_backward(grad_y, x, state, self._calibration_factor, weight, instance_weight,
+                                            input_grad)
 
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
         moments = self._batch_mean_var(mean_nc, var_nc, plane_size)
@@ -662,6 +736,17 @@ class _BlendedStdBase(_CalibratedBase):
         scale = std.reciprocal()
         beta = bias.to(dtype) if bias is not None else 0.0
         return scale, self._affine_shift(beta, scale, mean), moments, (moments, batch_std, std_grad_factor, scale)
+
+    def _native_forward(self, x, bias):
+        # σ_prev as this step reads it: a copy, since _update_batch_state overwrites the buffer before the backward
+        prev_std = self.prev_std.to(x.dtype, copy=True) if self.training else None
+        (bias,) = _native_params(x.dtype, bias)
+        y, mean, var, state = native_kernels.blend_forward(x, self.eps, self.prev_std_weight, prev_std, bias)
+        return y, mean, var, (state, prev_std)
+
+    def _native_backward(self, saved, grad_y, x, input_grad):
+        state, prev_std = saved
+        return native_kernels.blend_backward(grad_y, x, state, self.prev_std_weight, prev_std, input_grad)
 
     def _batchnorm_backward_coefficients(self, saved: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ', 1/σ') with which BN's own training-mode backward is this layer's input gradient, so that the kernels

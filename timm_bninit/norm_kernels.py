@@ -220,40 +220,53 @@ class PlaneAffineFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
-        whole_batch = (hasattr(layer, "_batchnorm_backward_coefficients")
-                       and _kernel_layout(x) == torch.channels_last)
-        if whole_batch:
-            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-            mean_nc, var_nc, plane_size = mean[None], var[None], x.shape[0] * x.shape[2] * x.shape[3]
-        else:
-            mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
-            plane_size = x.shape[2] * x.shape[3]
         values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
-        scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, plane_size, *values)
         ctx.save_for_backward(x)
-        ctx.layer, ctx.mean_nc, ctx.plane_size, ctx.scale, ctx.saved = layer, mean_nc, plane_size, scale, saved
-        ctx.param_dtypes = [None if p is None else p.dtype for p in params]
-        # synchronised statistics need the all-reduce between Σdy and dx that BN's fused backward has no room for
-        use_bn = whole_batch and moments.group is None
-        ctx.batchnorm_backward = layer._batchnorm_backward_coefficients(saved) if use_bn else None
+        ctx.layer, ctx.param_dtypes = layer, [None if p is None else p.dtype for p in params]
+        ctx.native = layer._native_step(x)
+        if ctx.native:  # the whole step in the C kernels of native_kernels
+            y, mean, var, ctx.saved = layer._native_forward(x, *values)
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+        else:
+            y, mean, var, count = _closed_form_forward(ctx, x, layer, values)
         # the running-statistics update's inputs, returned rather than applied here: the Function has no side
         # effects, and the layer updates its state in its own forward, where nn.BatchNorm2d does
-        mean, var = moments.mean, moments.var
-        unbiased_var = var * (moments.count / max(moments.count - 1, 1))
+        unbiased_var = var * (count / max(count - 1, 1))
         ctx.mark_non_differentiable(mean, var, unbiased_var)
-        return plane_affine(x, scale, shift), mean, var, unbiased_var
+        return y, mean, var, unbiased_var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor, *_statistics_grads: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        if ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
+        if ctx.native:
+            grad_x, param_grads = ctx.layer._native_backward(ctx.saved, grad_y, x, ctx.needs_input_grad[0])
+        elif ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
             grad_x, param_grads = _batchnorm_step_backward(ctx, grad_y, x)
         else:
             grad_x, param_grads = _closed_form_backward(ctx, grad_y, x)
         param_grads = [grad.to(dtype) if needed else None
                        for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)
+
+
+def _closed_form_forward(ctx: Any, x: torch.Tensor, layer: Any, values: list[torch.Tensor | None]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """y, the batch's μ and biased σ² and the number of values per channel, from BN's kernels (or the portable tensor
+    ops) and the layer's coefficient methods; what the backward needs goes into ``ctx``."""
+    whole_batch = hasattr(layer, "_batchnorm_backward_coefficients") and _kernel_layout(x) == torch.channels_last
+    if whole_batch:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean_nc, var_nc, plane_size = mean[None], var[None], x.shape[0] * x.shape[2] * x.shape[3]
+    else:
+        mean_nc, var_nc = plane_moments(x, torch.promote_types(x.dtype, torch.float32))
+        plane_size = x.shape[2] * x.shape[3]
+    scale, shift, moments, saved = layer._batch_coefficients(mean_nc, var_nc, plane_size, *values)
+    ctx.mean_nc, ctx.plane_size, ctx.scale, ctx.saved = mean_nc, plane_size, scale, saved
+    # synchronised statistics need the all-reduce between Σdy and dx that BN's fused backward has no room for
+    use_bn = whole_batch and moments.group is None
+    ctx.batchnorm_backward = layer._batchnorm_backward_coefficients(saved) if use_bn else None
+    return plane_affine(x, scale, shift), moments.mean, moments.var, moments.count
 
 
 def _closed_form_backward(ctx: Any, grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
