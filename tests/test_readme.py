@@ -31,11 +31,13 @@ def test_the_main_command_works_twice_in_a_row(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TIMM_BNINIT_DATA_CACHE": str(tmp_path / "cache")}
     env.pop("WORLD_SIZE", None)
     outputs = []
-    for _ in range(2):
-        # the command as written (accelerate's launcher run with this interpreter), its runs kept in tmp_path
+    # the command as written (accelerate's launcher run with this interpreter), its runs kept in tmp_path; then the
+    # same command again, shortened to one epoch: what is tested the second time is that it starts a new run
+    # directory beside the first, which the number of epochs does not change
+    for extra in ([], ["--set", "epochs=1"]):
         result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *main.split()[2:],
-                                 "--output-dir", str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=900)
+                                 "--output-dir", str(tmp_path / "runs"), *extra], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         outputs.append(result.stdout)
     run_dirs = [re.search(r"^run directory: (.+)$", out, re.M).group(1) for out in outputs]

@@ -278,7 +278,8 @@ def plot_small_gamma(groups: Groups, dataset: str, methods: list[str], lr: float
         offset = (i - (len(methods) - 1) / 2) * width
         bars = left.bar(np.arange(len(GAMMA_THRESHOLDS)) + offset, fractions, width, color=colours[method],
                         gid=f"fraction/{method}")
-        left.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)  # a 0% bar is otherwise invisible
+        # a 0% bar is otherwise invisible; two significant digits, so that a bar of 0.007% is not labelled "0"
+        left.bar_label(bars, fmt="%.2g", fontsize=7, padding=1)
         handles.append(bars)
         clamped = _clamp_drops(group)
         if clamped is None:
