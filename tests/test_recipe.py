@@ -56,7 +56,7 @@ def test_every_shipped_recipe_loads_with_known_keys():
     per_study = {study: sorted(p.stem for p in study_recipes if p.parent.parent.name == study)
                  for study in {p.parent.parent.name for p in study_recipes}}
     assert per_study == {"v1": ["finetune", "pretrain", "scratch"], "v2": ["finetune", "pretrain", "scratch"],
-                         "v3": ["finetune", "pretrain", "scratch"], "v4": ["scratch"]}
+                         "v3": ["finetune", "pretrain", "scratch"], "v4": ["scratch", "scratch_10px"]}
     for name in [*names, *study_recipes]:
         config = load_recipe(name)
         assert set(config.to_dict()) == set(KEYS) | {"recipe"}

@@ -304,6 +304,10 @@ def plot_small_gamma(groups: Groups, dataset: str, methods: list[str], lr: float
         right.set_xticks(range(len(clamp_thresholds)), [f"|γ| < {t:g} set to 0" for t in clamp_thresholds])
     right.axhline(0.0, color="grey", lw=0.8)
     right.margins(y=0.12)
+    # nothing small or nothing lost: a fixed range rather than matplotlib's ±0.06 or a 1e-17 scale of rounding noise
+    left.set_ylim(0.0, max(left.get_ylim()[1], 1e-3))
+    low, high = right.get_ylim()
+    right.set_ylim(min(low, -0.1), max(high, 0.1))
     right.set(title="test accuracy lost by clamping small γ (last epoch)",
               ylabel="accuracy drop (percentage points)")
     for ax in (left, right):
