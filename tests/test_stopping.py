@@ -92,7 +92,15 @@ def test_the_interrupted_message_names_the_checkpoint_and_the_exit_codes():
     assert (interrupted_exit_code(signal.SIGINT), interrupted_exit_code(signal.SIGTERM)) == (130, 143)
 
 
-def test_signals_set_the_request_and_the_previous_handlers_come_back():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a process started from a terminal (see terminal.py)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_set_the_request_and_the_previous_handlers_come_back(python_sigint):
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     with stop_on_signals() as request:
         assert request.requested() is None

@@ -15,6 +15,7 @@ import yaml
 from fake_datasets import make_imagefolder
 from run_files import files_named
 from scipy import stats
+from terminal import default_sigint
 
 from timm_bninit.experiment.cli import compare_main, finetune_main
 from timm_bninit.experiment.layout import read_metrics
@@ -71,7 +72,7 @@ def _launch(args, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as handle:
         return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "compare.py"), *args], env=env,
-                                stdout=handle, stderr=subprocess.STDOUT)
+                                stdout=handle, stderr=subprocess.STDOUT, preexec_fn=default_sigint)
 
 
 @pytest.mark.slow

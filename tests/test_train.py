@@ -19,6 +19,7 @@ import torch
 import yaml
 from conftest import StoppedRun
 from fake_datasets import kill_after_checkpoint, make_imagefolder, tiny_config
+from terminal import default_sigint
 from timm.data import create_transform
 
 import timm_bninit as tb
@@ -186,7 +187,7 @@ def _launch(recipe: Path, run_dir: Path, cache: Path, *extra: str) -> subprocess
     with open(run_dir.parent / f"{run_dir.name}-{len(extra)}.log", "w") as log:
         return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--recipe", str(recipe),
                                  "--run-dir", str(run_dir), "--data-cache-dir", str(cache), "--quiet", *extra],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
 
 
 def _log(run_dir: Path, resumed: bool = False) -> str:

@@ -84,6 +84,9 @@ class StopRequest:
     def __init__(self, shared: Any = None) -> None:
         self.signum: int | None = None
         self.shared = shared
+        # a parallel sweep's shared stop (a lock-free multiprocessing value): the handler writes the signal into it, so
+        # the sweep's runs see it at their next step rather than at the sweep's next look
+        self.forward: Any = None
 
     def requested(self) -> int | None:
         return self.signum or (self.shared.value if self.shared is not None else 0) or None
@@ -91,6 +94,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
+            if self.forward is not None:
+                self.forward.value = signum
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C a second time stops at once, as it would without this handler
         # another SIGTERM: already stopping (Slurm and a launcher such as torchrun may each send one)

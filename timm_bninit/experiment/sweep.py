@@ -231,25 +231,30 @@ def _run_parallel(todo: Sequence[RunSpec], parallel: int, threads: int, data_cac
     reaches the runs under way through a shared value, which their step checks read; a second Ctrl-C kills them.
     """
     context = get_context("spawn")
-    shared = context.Value("i", 0)
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=follow_sweep,
-                             initargs=(shared,)) as pool:
-        futures = {pool.submit(run_one, spec, data_cache_dir, threads, wait): spec for spec in todo}
-        waiting = set(futures)
-        try:
-            while waiting:
-                done, waiting = wait_for(waiting, timeout=1.0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    if not future.cancelled():
-                        report(futures[future], future.result())
-                if stop.requested() and not shared.value:
-                    shared.value = stop.requested()
-                    for future in waiting:
-                        future.cancel()
-        except KeyboardInterrupt:
-            for child in active_children():
-                child.kill()
-            raise
+    shared = context.Value("i", 0, lock=False)  # written by the signal handler: no lock it could wait on
+    stop.forward = shared
+    try:
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=context, initializer=follow_sweep,
+                                 initargs=(shared,)) as pool:
+            futures = {pool.submit(run_one, spec, data_cache_dir, threads, wait): spec for spec in todo}
+            waiting, cancelled = set(futures), False
+            try:
+                while waiting:
+                    done, waiting = wait_for(waiting, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        if not future.cancelled():
+                            report(futures[future], future.result())
+                    if stop.requested() and not cancelled:
+                        shared.value = stop.requested()  # the handler has written it, unless no signal asked
+                        for future in waiting:
+                            future.cancel()
+                        cancelled = True
+            except KeyboardInterrupt:
+                for child in active_children():
+                    child.kill()
+                raise
+    finally:
+        stop.forward = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
