@@ -504,7 +504,7 @@ class _RBNBase(_CalibratedBase):
         gap_normalized = centered_mean * inv_std
         logit_weight = scaling_weight.to(dtype)
         sigmoid = torch.addcmul(scaling_bias.to(dtype), logit_weight, gap_normalized).sigmoid_()
-        calibration = sigmoid * (1.0 / _sigmoid(self.scaling_bias_init)) if self.identity_init else sigmoid
+        calibration = sigmoid * self._calibration_factor if self.identity_init else sigmoid
         gamma, beta = self._gamma_beta(weight, bias, dtype)
         gain = gamma * inv_std
         scale = calibration * gain
@@ -615,7 +615,7 @@ class _IEBNBase(_CalibratedBase):
         inv_std = (var + self.eps).rsqrt_()
         logit_weight = instance_weight.to(dtype)
         sigmoid = torch.addcmul(instance_bias.to(dtype), logit_weight, mean_nc).sigmoid_()
-        attention = sigmoid * (1.0 / _sigmoid(self.instance_bias_init)) if self.identity_init else sigmoid
+        attention = sigmoid * self._calibration_factor if self.identity_init else sigmoid
         gamma, beta = self._gamma_beta(weight, bias, dtype)
         gain = gamma * inv_std
         scale = attention * gain
