@@ -15,8 +15,11 @@ from timm_bninit.experiment.report import holm
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"
-# (study folder, part): every part of every study, each shown verbatim on its study's page (v2 ran part 1 only)
-ALL_PARTS = [("v1", "scratch"), ("v1", "finetune"), ("v2", "scratch"), ("v3", "scratch"), ("v3", "finetune")]
+# (study folder, part): every part of every study, each shown verbatim on its study's page (v2 and v4 ran part 1 only)
+ALL_PARTS = [("v1", "scratch"), ("v1", "finetune"), ("v2", "scratch"), ("v3", "scratch"), ("v3", "finetune"),
+             ("v4", "scratch")]
+# the run summary's value behind each report metric: v1-v3 read the best-validation epoch, v4 the last epoch
+SUMMARY_KEYS = {"best_val": "test_acc_at_best_val", "last": "test_acc_last"}
 
 
 def _table(markdown: str) -> str:
@@ -34,11 +37,14 @@ def test_the_study_page_shows_the_committed_report(study, part):
 def test_report_statistics_rederived_from_summaries(study, part):
     summaries = json.loads((STUDIES / study / part / "summaries.json").read_text())
     assert len({r["seed"] for r in summaries}) == 15
-    values: dict[str, dict[int, float]] = {}
-    for run in summaries:
-        values.setdefault(run["method"], {})[run["seed"]] = run["test_acc_at_best_val"]
     with open(STUDIES / study / part / "report.csv") as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
+    (metric,) = {row["metric"] for row in rows.values()}
+    # a report states its test's sidedness in a column only when it is not the default one-sided test
+    (alternative,) = {row.get("alternative") or "greater" for row in rows.values() if row["method"] != "base"}
+    values: dict[str, dict[int, float]] = {}
+    for run in summaries:
+        values.setdefault(run["method"], {})[run["seed"]] = run[SUMMARY_KEYS[metric]]
     assert set(rows) == set(values)
     seeds = sorted(values["base"])
     base = [values["base"][s] for s in seeds]
@@ -53,8 +59,14 @@ def test_report_statistics_rederived_from_summaries(study, part):
         assert float(row["std"]) == pytest.approx(np.std(new, ddof=1), abs=1e-6)
     for method in others:
         new = [values[method][s] for s in seeds]
-        p = float(stats.ttest_rel(new, base, alternative="greater").pvalue)
+        p = float(stats.ttest_rel(new, base, alternative=alternative).pvalue)
         p_values.append(p)
+        if alternative == "two-sided":  # the 95% interval of the mean paired difference: mean ± t(0.975, n-1)·sd/√n
+            diffs = np.subtract(new, base)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
+            assert float(rows[method]["mean_diff"]) == pytest.approx(diffs.mean(), abs=1e-6)
+            assert float(rows[method]["ci_low"]) == pytest.approx(diffs.mean() - half, abs=1e-6)
+            assert float(rows[method]["ci_high"]) == pytest.approx(diffs.mean() + half, abs=1e-6)
         if math.isnan(p):
             assert rows[method]["p"] == "nan"
         else:
