@@ -11,7 +11,7 @@ import pytest
 import torch
 from fake_datasets import tiny_config
 
-from timm_bninit.experiment import stopping
+from timm_bninit.experiment import layout, stopping
 from timm_bninit.experiment.distributed import make_accelerator
 from timm_bninit.experiment.stopping import (
     CHECK_EVERY,
@@ -22,6 +22,7 @@ from timm_bninit.experiment.stopping import (
     interrupted_exit_code,
     stop_on_signals,
 )
+from timm_bninit.experiment.sweep import RunSpec, _describe, run_one
 from timm_bninit.experiment.train import build_run, train_one_epoch
 
 ONE_CPU_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
@@ -139,6 +140,17 @@ def test_a_parallel_sweeps_shared_stop_reaches_its_runs(monkeypatch):
         assert request.requested() is None
         shared.value = signal.SIGINT  # the sweep was asked to stop
         assert request.requested() == signal.SIGINT
+
+
+def test_a_run_queued_before_the_sweep_stopped_does_not_start(tiny_data, tmp_path, monkeypatch):
+    # the process pool hands a worker one run more than it runs, which cancelling cannot take back
+    monkeypatch.setattr(stopping, "_SWEEP_STOP", SimpleNamespace(value=signal.SIGTERM))
+    run_dir = tmp_path / "run"
+    spec = RunSpec("base", 0.1, 1, str(run_dir), tiny_config(tiny_data, tmp_path))
+    assert run_one(spec) == {"status": "not started", "run_dir": str(run_dir)}
+    assert layout.run_status(run_dir) == "pending" and not run_dir.exists()
+    assert _describe(spec, run_one(spec)) == \
+        "base lr=0.1 seed=1: not started, the sweep was stopped; re-run the sweep to start it"
 
 
 class CountingLoss(torch.nn.CrossEntropyLoss):

@@ -39,8 +39,9 @@ __all__ = ["StepState", "blend_backward", "blend_forward", "iebn_backward", "ieb
            "rbn_forward", "usable"]
 
 _SOURCE = Path(__file__).with_name("plane_kernels.c")
-_VERSION = 5  # plane_kernels_version() of the source above
-_BASE_FLAGS = ["-O3", "-std=c99", "-fno-math-errno", "-shared", "-fPIC"]
+_VERSION = 6  # plane_kernels_version() of the source above
+# -fno-trapping-math lets the compiler turn the exponential's clamps into vector min/max (no value changes)
+_BASE_FLAGS = ["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # with OpenMP the kernels use torch's thread count (and share torch's libgomp, already loaded); a compiler without
 # OpenMP (Apple's clang) builds them single-threaded
 _FLAG_CHOICES = (["-fopenmp"], [])
@@ -48,14 +49,13 @@ _DISABLE_VARIABLE = "TIMM_BNINIT_NATIVE_KERNELS"
 # each function's arguments: p a data pointer (None: NULL), i an int64 size, l the layout (int), f a scalar of the
 # element type, t the thread count (int)
 _SIGNATURES = {
-    "rbn_forward_logits": "pl iii ppp f pppppp t",
-    "rbn_forward_output": "pl iii ppppppp f ppp t",
+    "rbn_forward": "pl iii ppppp ff ppppp ppp p t",
     "rbn_backward": "ppl iii pppppppp f pppppp p t",
-    "iebn_forward_logits": "pl iii pp ppp t",
-    "iebn_forward_output": "pl iii ppppp ff pppppp t",
+    "iebn_forward": "pl iii pppp ff ppppp ppp p t",
     "iebn_backward": "ppl iii ppppppp f ppppp p t",
     "blend_forward": "pl iii pp ff pppppppp t",
     "blend_backward": "ppl iii ppppp f pp p t",
+    "sigmoid": "p i p",
 }
 _SUFFIX = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
@@ -151,13 +151,15 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 class StepState(NamedTuple):
-    """What a forward step keeps for its backward (beside the input)."""
+    """What a forward step keeps for its backward (beside the input): the data pointers of its per-plane (N, C) and
+    per-channel (C,) values, in the order the backward takes them, and the tensors that hold them.
 
-    mean_nc: torch.Tensor  # plane means m (N, C)
-    sigmoid: torch.Tensor | None  # the calibration's σ(z) (N, C); None for blended σ
-    scale: torch.Tensor  # A: (N, C), per channel (C,) for blended σ
-    mean: torch.Tensor  # μ (C,)
-    inv_std: torch.Tensor  # RBN, IEBN: r = 1/sqrt(σ² + ε); blended σ: σ_B = sqrt(σ² + ε) (C,)
+    RBN, IEBN: plane means m, the calibration's σ(z) and A (N, C); μ and r = 1/sqrt(σ² + ε) (C,). Blended σ: m (N, C);
+    A, μ and σ_B = sqrt(σ² + ε) (C,).
+    """
+
+    pointers: tuple[int, ...]
+    buffers: tuple[torch.Tensor, ...]
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -173,6 +175,12 @@ def _function(name: str, dtype: torch.dtype) -> Callable[..., None]:
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _rows(buffer: torch.Tensor) -> list[int]:
+    """The data pointers of a contiguous buffer's rows (``buffer[k]``), without making a view of each."""
+    start, step = buffer.data_ptr(), buffer[0].numel() * buffer.element_size()
+    return [start + k * step for k in range(buffer.shape[0])]
 
 
 def _geometry(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -192,6 +200,8 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int]:
 def _gradient_like(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The output gradient in x's dtype and memory layout (a copy only when it arrives otherwise, e.g. expanded)."""
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    if grad_y.dtype == x.dtype and grad_y.is_contiguous(memory_format=layout):
+        return grad_y
     return grad_y.to(x.dtype).contiguous(memory_format=layout)
 
 
@@ -209,29 +219,36 @@ def _or_fill(param: torch.Tensor | None, x: torch.Tensor, value: float) -> torch
 
 
 def _backward_buffers(x: torch.Tensor, input_grad: bool, parameters: int
-                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-    """dx (or None), the parameters' gradients (C,) and the kernels' scratch: 3·N·C + 3·C values."""
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], int]:
+    """dx (or None), the parameters' gradients (C,) and a pointer to the kernels' scratch (3·N·C + 3·C values), the
+    gradients and the scratch in one allocation."""
     grad_x = torch.empty_like(x) if input_grad else None
-    return grad_x, list(x.new_empty(parameters, x.shape[1]).unbind(0)), x.new_empty(3 * (x.shape[0] + 1) * x.shape[1])
+    channels = x.shape[1]
+    buffer = x.new_empty(parameters * channels + 3 * (x.shape[0] + 1) * channels)
+    grads = buffer[:parameters * channels].view(parameters, channels).unbind(0)
+    return grad_x, list(grads), buffer.data_ptr() + parameters * channels * buffer.element_size()
+
+
+def _calibrated_forward(name: str, x: torch.Tensor, eps: float, factor: float, params: tuple[torch.Tensor, ...]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
+    """RBN's or IEBN's forward, one C call: y, the batch's μ and biased σ², and the backward's state."""
+    planes = x.new_empty(5, x.shape[0], x.shape[1])  # m, v, σ(z), A, B' per plane
+    channels = x.new_empty(3, x.shape[1])  # μ, σ², r per channel
+    y = torch.empty_like(x)
+    mean_nc, var_nc, sigmoid, scale, shift = _rows(planes)
+    mean, var, inv_std = _rows(channels)
+    _function(name, x.dtype)(x.data_ptr(), *_geometry(x), *[p.data_ptr() for p in params], eps, factor, mean_nc,
+                             var_nc, sigmoid, scale, shift, mean, var, inv_std, y.data_ptr(), torch.get_num_threads())
+    return y, channels[0], channels[1], StepState((mean_nc, sigmoid, scale, mean, inv_std), (planes, channels))
 
 
 def rbn_forward(x: torch.Tensor, eps: float, factor: float, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 centering_weight: torch.Tensor, scaling_weight: torch.Tensor, scaling_bias: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
     """RBN's training forward: y, the batch's μ and biased σ² (of the calibrated input), and the backward's state."""
-    geometry, threads = _geometry(x), torch.get_num_threads()
-    weight, bias, *calibration = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0),
-                                                 centering_weight, scaling_weight, scaling_bias)
-    mean_nc, var_nc, logit, scale, shift = x.new_empty(5, *x.shape[:2]).unbind(0)
-    mean, var, inv_std = x.new_empty(3, x.shape[1]).unbind(0)
-    _function("rbn_forward_logits", x.dtype)(_pointer(x), *geometry, *map(_pointer, calibration), eps,
-                                              *map(_pointer, (mean_nc, var_nc, mean, var, inv_std, logit)), threads)
-    sigmoid = logit.sigmoid_()
-    y = torch.empty_like(x)
-    _function("rbn_forward_output", x.dtype)(_pointer(x), *geometry, *map(_pointer, (mean_nc, sigmoid, mean, inv_std)),
-                                              *map(_pointer, (weight, bias, calibration[0])), factor,
-                                              *map(_pointer, (scale, shift, y)), threads)
-    return y, mean, var, StepState(mean_nc, sigmoid, scale, mean, inv_std)
+    params = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0), centering_weight, scaling_weight,
+                             scaling_bias)
+    return _calibrated_forward("rbn_forward", x, eps, factor, params)
 
 
 def rbn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor: float, weight: torch.Tensor | None,
@@ -241,9 +258,9 @@ def rbn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor
     grad_y = _gradient_like(grad_y, x)
     params = _checked_params(x, _or_fill(weight, x, 1.0), centering_weight, scaling_weight)
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 5)
-    _function("rbn_backward", x.dtype)(_pointer(grad_y), _pointer(x), *_geometry(x), *map(_pointer, (*state, *params)),
-                                        factor, *map(_pointer, (grad_x, *param_grads, scratch)),
-                                        torch.get_num_threads())
+    _function("rbn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
+                                        *[p.data_ptr() for p in params], factor,
+                                        *map(_pointer, (grad_x, *param_grads)), scratch, torch.get_num_threads())
     return grad_x, tuple(param_grads)
 
 
@@ -251,19 +268,8 @@ def iebn_forward(x: torch.Tensor, eps: float, factor: float, weight: torch.Tenso
                  instance_weight: torch.Tensor, instance_bias: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
     """IEBN's training forward: y, the batch's μ and biased σ², and the backward's state."""
-    geometry, threads = _geometry(x), torch.get_num_threads()
-    weight, bias, *instance = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0), instance_weight,
-                                              instance_bias)
-    mean_nc, var_nc, logit, scale, shift = x.new_empty(5, *x.shape[:2]).unbind(0)
-    mean, var, inv_std = x.new_empty(3, x.shape[1]).unbind(0)
-    _function("iebn_forward_logits", x.dtype)(_pointer(x), *geometry, *map(_pointer, instance),
-                                               *map(_pointer, (mean_nc, var_nc, logit)), threads)
-    sigmoid = logit.sigmoid_()
-    y = torch.empty_like(x)
-    _function("iebn_forward_output", x.dtype)(_pointer(x), *geometry, *map(_pointer, (mean_nc, var_nc, sigmoid)),
-                                               _pointer(weight), _pointer(bias), eps, factor,
-                                               *map(_pointer, (mean, var, inv_std, scale, shift, y)), threads)
-    return y, mean, var, StepState(mean_nc, sigmoid, scale, mean, inv_std)
+    params = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0), instance_weight, instance_bias)
+    return _calibrated_forward("iebn_forward", x, eps, factor, params)
 
 
 def iebn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor: float,
@@ -273,9 +279,9 @@ def iebn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, facto
     grad_y = _gradient_like(grad_y, x)
     params = _checked_params(x, _or_fill(weight, x, 1.0), instance_weight)
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 4)
-    _function("iebn_backward", x.dtype)(_pointer(grad_y), _pointer(x), *_geometry(x), *map(_pointer, (*state, *params)),
-                                         factor, *map(_pointer, (grad_x, *param_grads, scratch)),
-                                         torch.get_num_threads())
+    _function("iebn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
+                                         *[p.data_ptr() for p in params], factor,
+                                         *map(_pointer, (grad_x, *param_grads)), scratch, torch.get_num_threads())
     return grad_x, tuple(param_grads)
 
 
@@ -283,15 +289,16 @@ def blend_forward(x: torch.Tensor, eps: float, prev_weight: float, prev_std: tor
                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
     """Blended σ's forward (σ_B alone where ``prev_std`` is 0, or everywhere when it is None): y, the batch's μ and
     biased σ², and the backward's state."""
-    geometry, threads = _geometry(x), torch.get_num_threads()
     params = _checked_params(x, _or_fill(prev_std, x, 0.0), _or_fill(bias, x, 0.0))
-    mean_nc, var_nc = x.new_empty(2, *x.shape[:2]).unbind(0)
-    mean, var, batch_std, scale, shift = x.new_empty(5, x.shape[1]).unbind(0)
+    planes = x.new_empty(2, x.shape[0], x.shape[1])  # m, v per plane
+    channels = x.new_empty(5, x.shape[1])  # μ, σ², σ_B, A, B' per channel
     y = torch.empty_like(x)
-    _function("blend_forward", x.dtype)(_pointer(x), *geometry, *map(_pointer, params), eps, prev_weight,
-                                         *map(_pointer, (mean_nc, var_nc, mean, var, batch_std, scale, shift, y)),
-                                         threads)
-    return y, mean, var, StepState(mean_nc, None, scale, mean, batch_std)
+    mean_nc, var_nc = _rows(planes)
+    mean, var, batch_std, scale, shift = _rows(channels)
+    _function("blend_forward", x.dtype)(x.data_ptr(), *_geometry(x), *[p.data_ptr() for p in params], eps,
+                                         prev_weight, mean_nc, var_nc, mean, var, batch_std, scale, shift,
+                                         y.data_ptr(), torch.get_num_threads())
+    return y, channels[0], channels[1], StepState((mean_nc, mean, scale, batch_std), (planes, channels))
 
 
 def blend_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, prev_weight: float,
@@ -300,8 +307,7 @@ def blend_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, prev
     grad_y = _gradient_like(grad_y, x)
     (prev_std,) = _checked_params(x, _or_fill(prev_std, x, 0.0))
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 1)
-    mean_nc, _, scale, mean, batch_std = state
-    _function("blend_backward", x.dtype)(_pointer(grad_y), _pointer(x), *_geometry(x),
-                                          *map(_pointer, (mean_nc, mean, scale, batch_std, prev_std)), prev_weight,
-                                          *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
+    _function("blend_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
+                                          prev_std.data_ptr(), prev_weight, *map(_pointer, (grad_x, *param_grads)),
+                                          scratch, torch.get_num_threads())
     return grad_x, tuple(param_grads)

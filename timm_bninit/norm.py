@@ -431,7 +431,8 @@ def _has_own_native_step(layer_type: type) -> bool:
 
 def _native_params(dtype: torch.dtype, *params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Parameters as the C kernels read them: contiguous, in the statistics' dtype."""
-    return tuple(None if p is None else p.to(dtype).contiguous() for p in params)
+    return tuple(p if p is None or (p.dtype == dtype and p.is_contiguous()) else p.to(dtype).contiguous()
+                 for p in params)
 
 
 def _has_own_backward(layer_type: type) -> bool:

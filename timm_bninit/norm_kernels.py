@@ -245,7 +245,7 @@ class PlaneAffineFunction(torch.autograd.Function):
             grad_x, param_grads = _batchnorm_step_backward(ctx, grad_y, x)
         else:
             grad_x, param_grads = _closed_form_backward(ctx, grad_y, x)
-        param_grads = [grad.to(dtype) if needed else None
+        param_grads = [(grad if grad.dtype == dtype else grad.to(dtype)) if needed else None
                        for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
         return (grad_x, None, *param_grads)
 

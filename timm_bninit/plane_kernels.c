@@ -3,8 +3,8 @@
  *
  * Built at first use by native_kernels.py (plain C99, no Python or torch header: about a second to compile) and
  * called through ctypes on the tensors' data pointers; the Python side checks device, dtype and layout first. Each
- * layer has a forward in one or two calls (RBN and IEBN leave the sigmoid between them to torch's vectorised exp,
- * so nothing here needs more than sqrt) and a backward in one call. Why: the same steps as separate tensor ops take
+ * layer has a forward in one call and a backward in one call (RBN's and IEBN's sigmoid uses the branch-free
+ * exponential below, which the compiler vectorises, as torch's own sigmoid is). Why: the same steps as separate tensor ops take
  * dozens of dispatches of small (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to
  * 1.7× BN's time on channels_last batches (benchmarks/HISTORY.md).
  *
@@ -27,6 +27,7 @@
 #ifndef T
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 /* an AVX2 version beside the baseline one, chosen by the CPU at load time (GCC's function multi-versioning); both
@@ -85,7 +86,73 @@ static int64_t channel_range(int64_t channels, int threads) {
              once_ = 0)
 
 /* lets the loader check that it opened the library it built */
-int plane_kernels_version(void) { return 5; }
+int plane_kernels_version(void) { return 6; }
+
+/* e^t without branches or calls, so that a loop of them vectorises: e^t = 2^n·e^r with n = round(t/ln 2) (added to
+ * and taken from 1.5·2^52, or 1.5·2^23, which rounds to an integer and leaves n in the low bits), r = t − n·ln 2 with
+ * ln 2 in two parts (Cody and Waite; |r| ≤ ln 2 / 2, the product n·ln2_hi exact), e^r by its Taylor polynomial to r^13
+ * (r^7 in float: the first term left out is below half an ulp) and 2^n built in the exponent bits. t is clamped to
+ * where e^t and 2^n are normal numbers, so e^t is within 3 ulps for every t (NaN stays NaN): checked against libm
+ * over the whole range in tests/test_native_kernels.py. */
+INLINE double exponential_f64(double t) {
+    t = t < -708.0 ? -708.0 : t;
+    t = t > 709.0 ? 709.0 : t;
+    const double shifter = 6755399441055744.0; /* 1.5·2^52 */
+    double k = t * 1.4426950408889634 + shifter, n = k - shifter;
+    double r = (t - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t k_bits, shifter_bits, scale_bits;
+    memcpy(&k_bits, &k, sizeof k);
+    memcpy(&shifter_bits, &shifter, sizeof shifter);
+    scale_bits = (k_bits - shifter_bits + 1023) << 52;
+    double scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+INLINE float exponential_f32(float t) {
+    t = t < -87.0f ? -87.0f : t;
+    t = t > 88.0f ? 88.0f : t;
+    const float shifter = 12582912.0f; /* 1.5·2^23 */
+    float k = t * 1.44269504f + shifter, n = k - shifter;
+    float r = (t - n * 0.693145752f) - n * 1.42860677e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t k_bits, shifter_bits, scale_bits;
+    memcpy(&k_bits, &k, sizeof k);
+    memcpy(&shifter_bits, &shifter, sizeof shifter);
+    scale_bits = (k_bits - shifter_bits + 127) << 23;
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+/* σ(z) = 1 / (1 + e^(−z)) over n contiguous values (a test's way in; the layers compute it inside their forward) */
+TARGETS void sigmoid_f64(const double* restrict z, int64_t n, double* restrict s) {
+    for (int64_t i = 0; i < n; ++i) s[i] = 1.0 / (1.0 + exponential_f64(-z[i]));
+}
+TARGETS void sigmoid_f32(const float* restrict z, int64_t n, float* restrict s) {
+    for (int64_t i = 0; i < n; ++i) s[i] = 1.0f / (1.0f + exponential_f32(-z[i]));
+}
 
 #define T float
 #define NAME(name) name##_f32
@@ -358,29 +425,21 @@ INLINE void NAME(input_grad_coefficients)(int64_t samples, int64_t channels, int
 /* The math of each step runs in a *_range function over channels [j0, j1), whose `restrict` parameters tell the
  * compiler that no two arrays overlap (an OpenMP loop body alone loses that, and stays scalar). */
 
-INLINE void NAME(rbn_logits_range)(const T* restrict mean_nc, const T* restrict var_nc,
-                                          const T* restrict w_m, const T* restrict w_v, const T* restrict w_b, T eps,
-                                          int64_t samples, int64_t channels, int64_t j0, int64_t j1,
-                                          T* restrict mean, T* restrict var, T* restrict inv_std, T* restrict logit) {
+/* μ, σ², r = 1/sqrt(σ² + ε) of the calibrated input and the calibration s = σ(z), z = w_b + w_v·(u·r) (u = m' − μ) */
+INLINE void NAME(rbn_sigmoid_range)(const T* restrict mean_nc, const T* restrict var_nc,
+                                           const T* restrict w_m, const T* restrict w_v, const T* restrict w_b, T eps,
+                                           int64_t samples, int64_t channels, int64_t j0, int64_t j1,
+                                           T* restrict mean, T* restrict var, T* restrict inv_std,
+                                           T* restrict sigmoid) {
     NAME(batch_statistics)(mean_nc, var_nc, w_m, samples, channels, j0, j1, mean, var);
     for (int64_t j = j0; j < j1; ++j) inv_std[j] = (T)1 / NAME(square_root)(var[j] + eps);
     for (int64_t n = 0; n < samples; ++n) {
         const T* restrict m = mean_nc + n * channels;
-        T* restrict z = logit + n * channels;
-        for (int64_t j = j0; j < j1; ++j) z[j] = w_b[j] + w_v[j] * (((m[j] + m[j] * w_m[j]) - mean[j]) * inv_std[j]);
-    }
-}
-
-/* forward, up to the sigmoid: m, v of every plane, μ, σ², r = 1/sqrt(σ² + ε) of the calibrated input, and the logit
- * z = w_b + w_v·(u·r) (u = m' − μ) */
-TARGETS void NAME(rbn_forward_logits)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
-                                      const T* centering_weight, const T* scaling_weight, const T* scaling_bias,
-                                      T eps, T* mean_nc, T* var_nc, T* mean, T* var, T* inv_std, T* logit,
-                                      int threads) {
-    NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
-    FOR_EACH_CHANNEL_RANGE(channels, threads) {
-        NAME(rbn_logits_range)(mean_nc, var_nc, centering_weight, scaling_weight, scaling_bias, eps, samples,
-                               channels, j0, j1, mean, var, inv_std, logit);
+        T* restrict s = sigmoid + n * channels;
+        for (int64_t j = j0; j < j1; ++j) {
+            T z = w_b[j] + w_v[j] * (((m[j] + m[j] * w_m[j]) - mean[j]) * inv_std[j]);
+            s[j] = (T)1 / ((T)1 + NAME(exponential)(-z));
+        }
     }
 }
 
@@ -408,12 +467,15 @@ INLINE void NAME(calibrated_affine_range)(const T* restrict mean_nc, const T* re
     }
 }
 
-/* forward, after the sigmoid s: A, B' per plane and y = x·A + B' */
-TARGETS void NAME(rbn_forward_output)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
-                                      const T* mean_nc, const T* sigmoid, const T* mean, const T* inv_std,
-                                      const T* weight, const T* bias, const T* centering_weight, T factor, T* scale,
-                                      T* shift, T* y, int threads) {
+/* forward: m, v of every plane; μ, σ², r and s = σ(z); A, B' per plane; y = x·A + B' */
+TARGETS void NAME(rbn_forward)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
+                               const T* weight, const T* bias, const T* centering_weight, const T* scaling_weight,
+                               const T* scaling_bias, T eps, T factor, T* mean_nc, T* var_nc, T* sigmoid, T* scale,
+                               T* shift, T* mean, T* var, T* inv_std, T* y, int threads) {
+    NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
     FOR_EACH_CHANNEL_RANGE(channels, threads) {
+        NAME(rbn_sigmoid_range)(mean_nc, var_nc, centering_weight, scaling_weight, scaling_bias, eps, samples,
+                                channels, j0, j1, mean, var, inv_std, sigmoid);
         NAME(calibrated_affine_range)(mean_nc, sigmoid, mean, inv_std, weight, bias, centering_weight, factor,
                                       samples, channels, j0, j1, scale, shift);
     }
@@ -492,21 +554,15 @@ TARGETS void NAME(rbn_backward)(const T* grad_y, const T* x, int layout, int64_t
 
 /* ---- IEBN (_IEBNBase): y = x̂·(γ·a) + β, a = k·σ(γ̂·GAP(x) + β̂) --------------------------------------------------- */
 
-INLINE void NAME(iebn_logits_range)(const T* restrict mean_nc, const T* restrict w_i, const T* restrict b_i,
-                                           int64_t samples, int64_t channels, T* restrict logit) {
+/* the calibration s = σ(γ̂·m + β̂) per plane */
+INLINE void NAME(iebn_sigmoid_range)(const T* restrict mean_nc, const T* restrict w_i, const T* restrict b_i,
+                                            int64_t samples, int64_t channels, int64_t j0, int64_t j1,
+                                            T* restrict sigmoid) {
     for (int64_t n = 0; n < samples; ++n) {
         const T* restrict m = mean_nc + n * channels;
-        T* restrict z = logit + n * channels;
-        for (int64_t c = 0; c < channels; ++c) z[c] = b_i[c] + w_i[c] * m[c];
+        T* restrict s = sigmoid + n * channels;
+        for (int64_t j = j0; j < j1; ++j) s[j] = (T)1 / ((T)1 + NAME(exponential)(-(b_i[j] + w_i[j] * m[j])));
     }
-}
-
-/* forward, up to the sigmoid: m, v of every plane and the logit γ̂·m + β̂ */
-TARGETS void NAME(iebn_forward_logits)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
-                                       const T* instance_weight, const T* instance_bias, T* mean_nc, T* var_nc,
-                                       T* logit, int threads) {
-    NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
-    NAME(iebn_logits_range)(mean_nc, instance_weight, instance_bias, samples, channels, logit);
 }
 
 INLINE void NAME(statistics_range)(const T* restrict mean_nc, const T* restrict var_nc, T eps,
@@ -516,12 +572,14 @@ INLINE void NAME(statistics_range)(const T* restrict mean_nc, const T* restrict 
     for (int64_t j = j0; j < j1; ++j) inv_std[j] = (T)1 / NAME(square_root)(var[j] + eps);
 }
 
-/* forward, after the sigmoid s: μ, σ², r, A = (k·s)·(γ·r), B' = β − A·μ per plane, and y = x·A + B' */
-TARGETS void NAME(iebn_forward_output)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
-                                       const T* mean_nc, const T* var_nc, const T* sigmoid, const T* weight,
-                                       const T* bias, T eps, T factor, T* mean, T* var, T* inv_std, T* scale,
-                                       T* shift, T* y, int threads) {
+/* forward: m, v of every plane; s = σ(γ̂·m + β̂); μ, σ², r; A = (k·s)·(γ·r), B' = β − A·μ per plane; y = x·A + B' */
+TARGETS void NAME(iebn_forward)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
+                                const T* weight, const T* bias, const T* instance_weight, const T* instance_bias,
+                                T eps, T factor, T* mean_nc, T* var_nc, T* sigmoid, T* scale, T* shift, T* mean,
+                                T* var, T* inv_std, T* y, int threads) {
+    NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
     FOR_EACH_CHANNEL_RANGE(channels, threads) {
+        NAME(iebn_sigmoid_range)(mean_nc, instance_weight, instance_bias, samples, channels, j0, j1, sigmoid);
         NAME(statistics_range)(mean_nc, var_nc, eps, samples, channels, j0, j1, mean, var, inv_std);
         NAME(calibrated_affine_range)(mean_nc, sigmoid, mean, inv_std, weight, bias, 0, factor, samples, channels,
                                       j0, j1, scale, shift);

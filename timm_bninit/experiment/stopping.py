@@ -139,6 +139,11 @@ def stop_requested() -> int | None:
     return None if _ACTIVE is None else _ACTIVE.requested()
 
 
+def sweep_stopped() -> int | None:
+    """In a worker of a parallel sweep: the signal that stopped the sweep, if one did (None elsewhere)."""
+    return (_SWEEP_STOP.value or None) if _SWEEP_STOP is not None else None
+
+
 def follow_sweep(shared: Any) -> None:
     """Initialise a worker process of a parallel sweep: its runs stop when the sweep sets ``shared`` (a
     ``multiprocessing.Value``) to a signal number; Ctrl-C reaches the sweep, which decides, so the worker ignores it."""

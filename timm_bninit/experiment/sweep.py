@@ -35,7 +35,7 @@ from ..registry import resolve_norm_layer
 from . import layout
 from .lock import RunDirBusyError, describe_holder, exclusive
 from .recipe import Recipe, RecipeError, apply_overrides, check_config, import_user_modules, load_recipe
-from .stopping import RunInterrupted, StopRequest, follow_sweep, stop_on_signals, stop_requested
+from .stopping import RunInterrupted, StopRequest, follow_sweep, stop_on_signals, stop_requested, sweep_stopped
 from .train import run_finetune
 
 __all__ = ["RunSpec", "parse_methods", "parse_seeds", "parse_floats", "plan_sweep", "run_sweep", "sweep_status"]
@@ -133,9 +133,11 @@ def run_one(spec: RunSpec, data_cache_dir: str | None = None, threads: int | Non
     A cell another process is training (another sweep command, a run started by hand) is waited for, or with ``wait``
     false left to it: ``{"status": "elsewhere", "holder": ...}``. Either way this process never trains it meanwhile.
     """
+    run_dir = Path(spec.run_dir)
+    if sweep_stopped():  # handed to this worker before the sweep stopped (the pool queues one more than it runs)
+        return {"status": "not started", "run_dir": str(run_dir)}
     if threads:
         torch.set_num_threads(threads)
-    run_dir = Path(spec.run_dir)
     try:  # in whichever process runs it (a spawned worker, a submitit or Slurm job): check_config imports `imports`
         final = run_finetune(spec.config, run_dir, resume=True, quiet=True, data_cache_dir=data_cache_dir, wait=wait)
     except RunDirBusyError as error:  # not this process's run: nothing of it is touched
@@ -453,6 +455,8 @@ def _describe(spec: RunSpec, result: dict[str, Any]) -> str:
                 f"kept, at chance level ({where['chance_acc']:.2f}%) in the report")
     if result["status"] == "interrupted":
         return f"{head}: {result['message']}; re-run the sweep to resume it"
+    if result["status"] == "not started":
+        return f"{head}: not started, the sweep was stopped; re-run the sweep to start it"
     return f"{head}: FAILED {result['error']} (see {result['run_dir']}/{layout.ERROR_FILE})"
 
 
