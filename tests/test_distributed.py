@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from fake_datasets import kill_after_checkpoint, make_imagefolder
+from ports import free_port
 from safetensors.torch import load_file
 
 from timm_bninit.experiment.layout import read_metrics
@@ -41,7 +42,7 @@ def _launch(recipe: Path, run_dir: Path, *extra: str, processes: int = 1) -> sub
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+                "--master_port", str(free_port())] if processes > 1 else [sys.executable]
     log = open(run_dir.parent / f"{run_dir.name}{len(extra)}.log", "w")  # noqa: SIM115 - the process owns it
     return subprocess.Popen([*launcher, str(ROOT / "scripts" / "finetune.py"), "--recipe", str(recipe), "--run-dir",
                              str(run_dir), "--data-cache-dir", str(run_dir.parent / "cache"), "--quiet", *extra],

@@ -14,6 +14,7 @@ import torch
 import yaml
 from fake_datasets import make_imagefolder, tiny_config
 from fake_runs import CLASS_NAMES, assert_other_outputs, assert_same_outputs, fixed_pixels, recorded_evaluations
+from ports import free_port
 
 import timm_bninit as tb
 from timm_bninit.experiment import layout
@@ -92,7 +93,7 @@ def test_a_two_process_run_loads_to_what_its_main_process_evaluated(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + (os.getpid() + 7) % 1000), str(launcher), str(tmp_path / "recorded.pt"), "--recipe",
+               str(free_port()), str(launcher), str(tmp_path / "recorded.pt"), "--recipe",
                str(recipe), "--run-dir", str(tmp_path / "run"), "--data-cache-dir", str(tmp_path / "cache"), "--quiet"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 from fake_datasets import make_imagefolder, make_validation_hub_repo, stand_in_spec
+from ports import free_port
 
 from timm_bninit.experiment.layout import read_metrics
 from timm_bninit.experiment.recipe import Recipe, RecipeError, apply_overrides, check_config, load_recipe
@@ -218,7 +219,7 @@ def test_every_sweep_executor_imports_the_users_modules(executor, parallel, user
 @pytest.mark.slow
 def test_every_torchrun_rank_imports_the_users_modules(user_code, tiny, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(29700 + os.getpid() % 1000)]
+                "--master_port", str(free_port())]
     ran = _run([*launcher, *_finetune(tiny, tmp_path / "run", IMPORTS, *OVERRIDES)], user_code)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     final = json.loads((tmp_path / "run" / "final.json").read_text())
