@@ -219,14 +219,12 @@ def _or_fill(param: torch.Tensor | None, x: torch.Tensor, value: float) -> torch
 
 
 def _backward_buffers(x: torch.Tensor, input_grad: bool, parameters: int
-                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], int]:
-    """dx (or None), the parameters' gradients (C,) and a pointer to the kernels' scratch (3·N·C + 3·C values), the
-    gradients and the scratch in one allocation."""
+                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+    """dx (or None), the parameters' gradients (C,) and the kernels' scratch (3·N·C + 3·C values; an allocation of its
+    own, so that the gradients the parameters keep do not keep it alive)."""
     grad_x = torch.empty_like(x) if input_grad else None
-    channels = x.shape[1]
-    buffer = x.new_empty(parameters * channels + 3 * (x.shape[0] + 1) * channels)
-    grads = buffer[:parameters * channels].view(parameters, channels).unbind(0)
-    return grad_x, list(grads), buffer.data_ptr() + parameters * channels * buffer.element_size()
+    scratch = x.new_empty(3 * (x.shape[0] + 1) * x.shape[1])
+    return grad_x, list(x.new_empty(parameters, x.shape[1]).unbind(0)), scratch
 
 
 def _calibrated_forward(name: str, x: torch.Tensor, eps: float, factor: float, params: tuple[torch.Tensor, ...]
@@ -260,7 +258,7 @@ def rbn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 5)
     _function("rbn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
                                         *[p.data_ptr() for p in params], factor,
-                                        *map(_pointer, (grad_x, *param_grads)), scratch, torch.get_num_threads())
+                                        *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
     return grad_x, tuple(param_grads)
 
 
@@ -281,7 +279,7 @@ def iebn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, facto
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 4)
     _function("iebn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
                                          *[p.data_ptr() for p in params], factor,
-                                         *map(_pointer, (grad_x, *param_grads)), scratch, torch.get_num_threads())
+                                         *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
     return grad_x, tuple(param_grads)
 
 
@@ -309,5 +307,5 @@ def blend_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, prev
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 1)
     _function("blend_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
                                           prev_std.data_ptr(), prev_weight, *map(_pointer, (grad_x, *param_grads)),
-                                          scratch, torch.get_num_threads())
+                                          scratch.data_ptr(), torch.get_num_threads())
     return grad_x, tuple(param_grads)
