@@ -306,6 +306,6 @@ def blend_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, prev
     (prev_std,) = _checked_params(x, _or_fill(prev_std, x, 0.0))
     grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 1)
     _function("blend_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
-                                          prev_std.data_ptr(), prev_weight, *map(_pointer, (grad_x, *param_grads)),
-                                          scratch.data_ptr(), torch.get_num_threads())
+                                          prev_std.data_ptr(), prev_weight,
+                                          *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
     return grad_x, tuple(param_grads)

@@ -4,8 +4,8 @@
  * Built at first use by native_kernels.py (plain C99, no Python or torch header: about a second to compile) and
  * called through ctypes on the tensors' data pointers; the Python side checks device, dtype and layout first. Each
  * layer has a forward in one call and a backward in one call (RBN's and IEBN's sigmoid uses the branch-free
- * exponential below, which the compiler vectorises, as torch's own sigmoid is). Why: the same steps as separate tensor ops take
- * dozens of dispatches of small (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to
+ * exponential below, which the compiler vectorises, as torch's own sigmoid is). Why: the same steps as separate
+ * tensor ops take dozens of dispatches of small (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to
  * 1.7× BN's time on channels_last batches (benchmarks/HISTORY.md).
  *
  * A layer is y = x·A + B' with per-plane (n, c) or per-channel A and B' computed from the plane means m and biased
@@ -146,13 +146,6 @@ INLINE float exponential_f32(float t) {
     return p * scale;
 }
 
-/* σ(z) = 1 / (1 + e^(−z)) over n contiguous values (a test's way in; the layers compute it inside their forward) */
-TARGETS void sigmoid_f64(const double* restrict z, int64_t n, double* restrict s) {
-    for (int64_t i = 0; i < n; ++i) s[i] = 1.0 / (1.0 + exponential_f64(-z[i]));
-}
-TARGETS void sigmoid_f32(const float* restrict z, int64_t n, float* restrict s) {
-    for (int64_t i = 0; i < n; ++i) s[i] = 1.0f / (1.0f + exponential_f32(-z[i]));
-}
 
 #define T float
 #define NAME(name) name##_f32
@@ -166,6 +159,14 @@ TARGETS void sigmoid_f32(const float* restrict z, int64_t n, float* restrict s) 
 #undef NAME
 
 #else /* ---- everything below, for one element type T ------------------------------------------------------------ */
+
+/* σ(z) = 1 / (1 + e^(−z)), as RBN's and IEBN's forward compute it */
+INLINE T NAME(sigmoid_of)(T z) { return (T)1 / ((T)1 + NAME(exponential)(-z)); }
+
+/* σ over n contiguous values: the tests' way to check the layers' sigmoid against torch's */
+TARGETS void NAME(sigmoid)(const T* restrict z, int64_t n, T* restrict s) {
+    for (int64_t i = 0; i < n; ++i) s[i] = NAME(sigmoid_of)(z[i]);
+}
 
 /* ---- NHWC activation passes, one unit: pointers at the unit's first channel, rows `stride` apart ---------------- */
 
@@ -436,10 +437,8 @@ INLINE void NAME(rbn_sigmoid_range)(const T* restrict mean_nc, const T* restrict
     for (int64_t n = 0; n < samples; ++n) {
         const T* restrict m = mean_nc + n * channels;
         T* restrict s = sigmoid + n * channels;
-        for (int64_t j = j0; j < j1; ++j) {
-            T z = w_b[j] + w_v[j] * (((m[j] + m[j] * w_m[j]) - mean[j]) * inv_std[j]);
-            s[j] = (T)1 / ((T)1 + NAME(exponential)(-z));
-        }
+        for (int64_t j = j0; j < j1; ++j)
+            s[j] = NAME(sigmoid_of)(w_b[j] + w_v[j] * (((m[j] + m[j] * w_m[j]) - mean[j]) * inv_std[j]));
     }
 }
 
@@ -561,7 +560,7 @@ INLINE void NAME(iebn_sigmoid_range)(const T* restrict mean_nc, const T* restric
     for (int64_t n = 0; n < samples; ++n) {
         const T* restrict m = mean_nc + n * channels;
         T* restrict s = sigmoid + n * channels;
-        for (int64_t j = j0; j < j1; ++j) s[j] = (T)1 / ((T)1 + NAME(exponential)(-(b_i[j] + w_i[j] * m[j])));
+        for (int64_t j = j0; j < j1; ++j) s[j] = NAME(sigmoid_of)(b_i[j] + w_i[j] * m[j]);
     }
 }
 
