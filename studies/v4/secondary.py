@@ -9,14 +9,13 @@ methods, 95% paired-t interval). Writes ``scratch/secondary.md`` beside this fil
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import stats
 
+from timm_bninit.experiment.power import paired_difference
 from timm_bninit.experiment.report import holm
 
 HERE = Path(__file__).resolve().parent
@@ -52,10 +51,9 @@ def main() -> None:
         rows, p_values = [], []
         for method in others:
             new = np.array([v[key] for v in values[method]])
-            diff = new - base
-            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-            p_values.append(float(stats.ttest_rel(new, base, alternative="two-sided").pvalue))
-            rows.append((method, new, diff.mean(), diff.mean() - half, diff.mean() + half))
+            diff = paired_difference(new, base, confidence=0.95, alternative="two-sided")
+            p_values.append(diff.p)
+            rows.append((method, new, diff.mean_diff, diff.ci_low, diff.ci_high))
         lines += [f"## {title}", "", "| method | mean ± sd | method − BASE [95% CI] | p | p (Holm) |",
                   "|---|---|---|---|---|",
                   f"| {part['labels']['base']} | {base.mean():.{digits}f} ± {base.std(ddof=1):.{digits}f} "
