@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
 from timm_bninit.experiment.report import holm
@@ -75,3 +76,32 @@ def test_report_statistics_rederived_from_summaries(study, part):
         if not math.isnan(adjusted):
             assert float(rows[method]["p_holm"]) == pytest.approx(adjusted, rel=1e-5)
             assert (rows[method]["significant"] == "True") == (adjusted <= 0.05)
+
+
+def test_v4_secondary_best_validation_rows_rederived_from_summaries():
+    """studies/v4/scratch/secondary.md's first table (test accuracy at the best-validation epoch, the one of its two
+    secondary endpoints the committed summaries hold) is what scipy gives on summaries.json, to the digits shown."""
+    summaries = json.loads((STUDIES / "v4" / "scratch" / "summaries.json").read_text())
+    labels = yaml.safe_load((STUDIES / "v4" / "protocol.yaml").read_text())["parts"]["scratch"]["labels"]
+    values: dict[str, dict[int, float]] = {}
+    for run in summaries:
+        values.setdefault(run["method"], {})[run["seed"]] = run["test_acc_at_best_val"]
+    section = (STUDIES / "v4" / "scratch" / "secondary.md").read_text().split("## ")[1]
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| "))}
+    seeds = sorted(values["base"])
+    base = np.array([values["base"][s] for s in seeds])
+    others = [m for m in values if m != "base"]
+    p_values = []
+    for method in others:
+        new = np.array([values[method][s] for s in seeds])
+        diffs = new - base
+        half = stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / math.sqrt(len(diffs))
+        p_values.append(float(stats.ttest_rel(new, base).pvalue))
+        row = rows[labels[method]]
+        assert row[0] == f"{new.mean():.2f} ± {new.std(ddof=1):.2f}"
+        assert row[1] == f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
+        assert row[2] == f"{p_values[-1]:.3g}"
+    for method, adjusted in zip(others, holm(p_values)):
+        assert rows[labels[method]][3] == f"{adjusted:.3g}"
+    assert rows[labels["base"]][0] == f"{base.mean():.2f} ± {base.std(ddof=1):.2f}"
