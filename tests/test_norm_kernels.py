@@ -48,8 +48,8 @@ LAYERS = {
 }
 
 
-def make(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs) -> nn.Module:
-    layer = LAYERS[kind](C, eps=EPS, momentum=0.3, dtype=dtype, **kwargs).train()
+def make(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, channels: int = C, **kwargs) -> nn.Module:
+    layer = LAYERS[kind](channels, eps=EPS, dtype=dtype, **{"momentum": 0.3, **kwargs}).train()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in layer.named_parameters():
@@ -59,12 +59,12 @@ def make(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs)
 
 
 def make_input(seed: int, n: int = 3, h: int = 2, w: int = 3, offset: float = 2.0,
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+               dtype: torch.dtype = torch.float64, channels: int = C) -> torch.Tensor:
     """Per-(sample, channel) means and scales that differ, so every GAP term matters."""
     gen = torch.Generator().manual_seed(seed)
-    means = offset * torch.randn(n, C, 1, 1, generator=gen, dtype=torch.float64)
-    scales = 0.5 + 2.0 * torch.rand(n, C, 1, 1, generator=gen, dtype=torch.float64)
-    return (means + scales * torch.randn(n, C, h, w, generator=gen, dtype=torch.float64)).to(dtype)
+    means = offset * torch.randn(n, channels, 1, 1, generator=gen, dtype=torch.float64)
+    scales = 0.5 + 2.0 * torch.rand(n, channels, 1, 1, generator=gen, dtype=torch.float64)
+    return (means + scales * torch.randn(n, channels, h, w, generator=gen, dtype=torch.float64)).to(dtype)
 
 
 @pytest.fixture(autouse=True, params=["native", "stock"])
@@ -242,9 +242,9 @@ def _record_native_calls(monkeypatch, *names: str) -> list[str]:
     calls = []
 
     def recording(name, function):
-        def call(*args):
+        def call(*args, **kwargs):
             calls.append(name)
-            return function(*args)
+            return function(*args, **kwargs)
         return call
 
     for name in names:
@@ -270,11 +270,11 @@ def test_channels_last_runs_batchnorm_kernels_per_sample(monkeypatch, kernels):
 
     monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
     monkeypatch.setattr(norm_kernels, "_bn_grad_sums", recording_grad_sums)
-    native_calls = _record_native_calls(monkeypatch, "iebn_forward", "iebn_backward")
+    native_calls = _record_native_calls(monkeypatch, "iebn_forward", "backward")
     x = laid_out(make_input(13, n=4, h=5, w=6), "samples").requires_grad_()
     make("iebn")(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
     if kernels == "native":
-        assert (calls, native_calls) == ([], ["iebn_forward", "iebn_backward"])
+        assert (calls, native_calls) == ([], ["iebn_forward", "backward"])
     else:
         assert native_calls == []
         assert calls == [("stats", (1, C, 5, 6), True)] * 4 + [("grad sums", (1, C, 5, 6), True)] * 4
@@ -297,13 +297,13 @@ def test_channels_last_blend_runs_batchnorm_kernels_on_the_whole_batch(monkeypat
 
     monkeypatch.setattr(torch, "batch_norm_update_stats", recording_update_stats)
     monkeypatch.setattr(norm_kernels, "_batchnorm_step_backward", recording_step_backward)
-    native_calls = _record_native_calls(monkeypatch, "blend_forward", "blend_backward")
+    native_calls = _record_native_calls(monkeypatch, "blend_forward", "backward")
     layer = make("blend")
     for _ in range(2):  # the first step (σ_B alone) and a blended one
         x = laid_out(make_input(15, n=4, h=5, w=6), "samples").requires_grad_()
         layer(x).backward(laid_out(torch.randn(x.shape, dtype=torch.float64), "samples"))
     if kernels == "native":
-        assert (calls, native_calls) == ([], ["blend_forward", "blend_backward"] * 2)
+        assert (calls, native_calls) == ([], ["blend_forward", "backward"] * 2)
     else:
         assert native_calls == []
         assert calls == [("stats", (4, C, 5, 6)), ("backward", (4, C, 5, 6))] * 2
@@ -376,6 +376,33 @@ def test_backward_twice_with_retain_graph(kind):
     y.backward(grad)
     for before, after in zip(first, [x.grad, *[p.grad for p in layer.parameters()]]):
         torch.testing.assert_close(after, 2 * before)
+
+
+@pytest.mark.parametrize("buffers", [torch.float64, torch.float32], ids=["same_dtype", "float32_buffers"])
+@pytest.mark.parametrize("momentum", [0.3, 0.8, None], ids=["small", "large", "cumulative"])
+@pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
+def test_running_statistics_update_as_batchnorm_defines_it(kind, momentum, buffers):
+    """Two training steps on float64 batches: each running statistic is r ← (1 − w)·r + w·b with b the batch's mean
+    and unbiased variance (of x + w_m·GAP(x) for RBN) and w the momentum, or 1/n for the cumulative average. The C
+    step updates buffers of the batch's dtype itself (torch.lerp's two formulas switch at w = 0.5, so 0.8 takes the
+    other); buffers of another dtype (a float32 layer fed float64) are updated outside the call."""
+    layer = make(kind, momentum=momentum)
+    if buffers != torch.float64:
+        layer.running_mean, layer.running_var = (b.to(buffers) for b in (layer.running_mean, layer.running_var))
+    want_mean, want_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step, seed in enumerate((16, 17), start=1):
+        x = laid_out(make_input(seed, n=4), "samples")
+        layer(x)
+        if kind == "rbn":
+            x = x + layer.centering_weight.detach().reshape(1, -1, 1, 1) * x.mean(dim=(2, 3), keepdim=True)
+        weight = 1.0 / step if momentum is None else momentum
+        want_mean = (1 - weight) * want_mean + weight * x.mean(dim=(0, 2, 3))
+        want_var = (1 - weight) * want_var + weight * x.var(dim=(0, 2, 3), unbiased=True)
+    # float64 buffers: a few roundings of values of order 1; float32 buffers: their own rounding, 2⁻²⁴ relative
+    tolerance = 1e-12 if buffers == torch.float64 else 4 * 2.0**-24
+    assert layer.running_mean.dtype == layer.running_var.dtype == buffers
+    torch.testing.assert_close(layer.running_mean.double(), want_mean, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(layer.running_var.double(), want_var, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -580,12 +580,14 @@ def train_two_steps(layer: nn.Module, memory_format: torch.memory_format) -> dic
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("name", CALIBRATED)
 def test_fused_function_equals_autograd_path(name, fused, options, memory_format, monkeypatch):
-    """The closed-form backward (PlaneAffineFunction) is an optimisation: it computes what autograd computes through
-    the layer's forward coefficients, outputs, input and parameter gradients, and running statistics alike."""
+    """The closed-form backward (PlaneAffineFunction, or NativeStepFunction's C step) is an optimisation: it computes
+    what autograd computes through the layer's forward coefficients, outputs, input and parameter gradients, and
+    running statistics alike."""
     function_calls = []
-    real = norm_module.PlaneAffineFunction
-    monkeypatch.setattr(norm_module, "PlaneAffineFunction",
-                        types.SimpleNamespace(apply=lambda *args: function_calls.append(1) or real.apply(*args)))
+    for function in ("PlaneAffineFunction", "NativeStepFunction"):
+        real = getattr(norm_module, function)
+        monkeypatch.setattr(norm_module, function, types.SimpleNamespace(
+            apply=lambda *args, real=real: function_calls.append(1) or real.apply(*args)))
     hand_written = randomize(make(name, fused=fused, **options))
     through_autograd = randomize(make(name, fused=fused, **options))
     through_autograd.force_autograd = True

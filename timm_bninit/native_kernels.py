@@ -35,11 +35,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StepState", "blend_backward", "blend_forward", "iebn_backward", "iebn_forward", "library", "rbn_backward",
-           "rbn_forward", "usable"]
+__all__ = ["Running", "StepState", "backward", "blend_forward", "iebn_forward", "library", "rbn_forward", "usable"]
 
 _SOURCE = Path(__file__).with_name("plane_kernels.c")
-_VERSION = 6  # plane_kernels_version() of the source above
+_VERSION = 7  # plane_kernels_version() of the source above
 # -fno-trapping-math lets the compiler turn the exponential's clamps into vector min/max (no value changes)
 _BASE_FLAGS = ["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # with OpenMP the kernels use torch's thread count (and share torch's libgomp, already loaded); a compiler without
@@ -49,11 +48,11 @@ _DISABLE_VARIABLE = "TIMM_BNINIT_NATIVE_KERNELS"
 # each function's arguments: p a data pointer (None: NULL), i an int64 size, l the layout (int), f a scalar of the
 # element type, t the thread count (int)
 _SIGNATURES = {
-    "rbn_forward": "pl iii ppppp ff ppppp ppp p t",
+    "rbn_forward": "pl iii ppppp ff ppppp ppp p ppf t",
     "rbn_backward": "ppl iii pppppppp f pppppp p t",
-    "iebn_forward": "pl iii pppp ff ppppp ppp p t",
+    "iebn_forward": "pl iii pppp ff ppppp ppp p ppf t",
     "iebn_backward": "ppl iii ppppppp f ppppp p t",
-    "blend_forward": "pl iii pp ff pppppppp t",
+    "blend_forward": "pl iii pp ff pp ppppp p ppf t",
     "blend_backward": "ppl iii ppppp f pp p t",
     "sigmoid": "p i p",
 }
@@ -145,20 +144,33 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-# ---- the layers' steps on tensors. The callers (the layers' _native_forward / _native_backward) pass a CPU float32 or
-# float64 activation contiguous in NCHW or channels_last (``usable``) and parameters of its dtype, contiguous; the
-# checks below only keep a wrong call from reading out of bounds.
+# ---- the layers' steps on tensors. The callers (the layers' _native_forward and the autograd Function that runs the
+# step) pass a CPU float32 or float64 activation contiguous in NCHW or channels_last (``usable``) and parameters of
+# its dtype, contiguous; the checks below only keep a wrong call from reading or writing out of bounds.
+
+
+class Running(NamedTuple):
+    """The running statistics a training forward folds its batch's μ and unbiased σ² into, in place, with weight
+    ``momentum`` (as ``nn.BatchNorm2d``: ``r ← r + momentum·(b − r)``)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float
 
 
 class StepState(NamedTuple):
-    """What a forward step keeps for its backward (beside the input): the data pointers of its per-plane (N, C) and
-    per-channel (C,) values, in the order the backward takes them, and the tensors that hold them.
+    """What a forward step keeps for its backward (beside the input): the backward's C function, its arguments
+    between the input and the gradients (the geometry, the data pointers of the per-plane (N, C) and per-channel
+    (C,) values and of the parameters, a scalar), how many parameter gradients it writes, and the tensors those
+    pointers point into.
 
     RBN, IEBN: plane means m, the calibration's σ(z) and A (N, C); μ and r = 1/sqrt(σ² + ε) (C,). Blended σ: m (N, C);
-    A, μ and σ_B = sqrt(σ² + ε) (C,).
+    μ, A and σ_B = sqrt(σ² + ε) (C,), and σ_prev as the step read it.
     """
 
-    pointers: tuple[int, ...]
+    backward: Callable[..., None]
+    arguments: tuple[int | float | None, ...]
+    gradients: int
     buffers: tuple[torch.Tensor, ...]
 
 
@@ -179,7 +191,7 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def _rows(buffer: torch.Tensor) -> list[int]:
     """The data pointers of a contiguous buffer's rows (``buffer[k]``), without making a view of each."""
-    start, step = buffer.data_ptr(), buffer[0].numel() * buffer.element_size()
+    start, step = buffer.data_ptr(), buffer.numel() // buffer.shape[0] * buffer.element_size()
     return [start + k * step for k in range(buffer.shape[0])]
 
 
@@ -194,7 +206,8 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int]:
         layout = 1
     else:
         raise RuntimeError(f"plane kernels need an NCHW or channels_last tensor, got strides {x.stride()}")
-    return layout, x.shape[0], x.shape[2] * x.shape[3], x.shape[1]
+    batch, channels, height, width = x.shape
+    return layout, batch, height * width, channels
 
 
 def _gradient_like(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +220,9 @@ def _gradient_like(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _checked_params(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The per-channel parameters, checked; the caller holds them (a filled one lives only as long as this tuple)."""
+    dtype, channels = x.dtype, x.shape[1]
     for param in params:
-        if param.dtype != x.dtype or not param.is_contiguous() or param.numel() != x.shape[1]:
+        if param.dtype != dtype or not param.is_contiguous() or param.numel() != channels:
             raise RuntimeError("plane kernels: every parameter must be a contiguous (C,) tensor of x's dtype")
     return params
 
@@ -218,94 +232,86 @@ def _or_fill(param: torch.Tensor | None, x: torch.Tensor, value: float) -> torch
     return param if param is not None else x.new_full((x.shape[1],), value)
 
 
-def _backward_buffers(x: torch.Tensor, input_grad: bool, parameters: int
-                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-    """dx (or None), the parameters' gradients (C,) and the kernels' scratch (3·N·C + 3·C values; an allocation of its
-    own, so that the gradients the parameters keep do not keep it alive)."""
-    grad_x = torch.empty_like(x) if input_grad else None
-    scratch = x.new_empty(3 * (x.shape[0] + 1) * x.shape[1])
-    return grad_x, list(x.new_empty(parameters, x.shape[1]).unbind(0)), scratch
-
-
-def _calibrated_forward(name: str, x: torch.Tensor, eps: float, factor: float, params: tuple[torch.Tensor, ...]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
-    """RBN's or IEBN's forward, one C call: y, the batch's μ and biased σ², and the backward's state."""
-    planes = x.new_empty(5, x.shape[0], x.shape[1])  # m, v, σ(z), A, B' per plane
-    channels = x.new_empty(3, x.shape[1])  # μ, σ², r per channel
+def _forward(name: str, x: torch.Tensor, params: tuple[torch.Tensor, ...], scalars: tuple[float, float],
+             plane_rows: int, channel_rows: int, running: Running | None
+             ) -> tuple[torch.Tensor, tuple[int, int, int, int], list[int], list[int], tuple[torch.Tensor, ...]]:
+    """One forward call: y, the geometry, the data pointers of the per-plane and per-channel rows the C function
+    wrote (μ and σ² first among the latter) and the buffers that hold them. The running statistics are updated in the
+    call when they are x's dtype and contiguous, else here from the batch's μ and σ² (e.g. a float32 layer fed
+    float64)."""
+    geometry = _geometry(x)
+    _, batch, plane_size, channels = geometry
+    planes, per_channel = x.new_empty(plane_rows, batch, channels), x.new_empty(channel_rows, channels)
     y = torch.empty_like(x)
-    mean_nc, var_nc, sigmoid, scale, shift = _rows(planes)
-    mean, var, inv_std = _rows(channels)
-    _function(name, x.dtype)(x.data_ptr(), *_geometry(x), *[p.data_ptr() for p in params], eps, factor, mean_nc,
-                             var_nc, sigmoid, scale, shift, mean, var, inv_std, y.data_ptr(), torch.get_num_threads())
-    return y, channels[0], channels[1], StepState((mean_nc, sigmoid, scale, mean, inv_std), (planes, channels))
+    in_call = running is not None and all(r.dtype == x.dtype and r.is_contiguous() and r.numel() == channels
+                                          for r in (running.mean, running.var))
+    plane_pointers, channel_pointers = _rows(planes), _rows(per_channel)
+    _function(name, x.dtype)(x.data_ptr(), *geometry, *[p.data_ptr() for p in params], *scalars, *plane_pointers,
+                             *channel_pointers, y.data_ptr(), running.mean.data_ptr() if in_call else None,
+                             running.var.data_ptr() if in_call else None, running.momentum if in_call else 0.0,
+                             torch.get_num_threads())
+    if running is not None and not in_call:
+        count = batch * plane_size
+        running.mean.lerp_(per_channel[0].to(running.mean.dtype), running.momentum)
+        running.var.lerp_((per_channel[1] * (count / max(count - 1, 1))).to(running.var.dtype), running.momentum)
+    return y, geometry, plane_pointers, channel_pointers, (planes, per_channel)
+
+
+def backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, input_grad: bool
+             ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """Any layer's backward, one C call: dx (None unless ``input_grad``) and the parameters' gradients (C,) each, in
+    the order the layer's forward took the parameters."""
+    grad_y = _gradient_like(grad_y, x)
+    grad_x = torch.empty_like(x) if input_grad else None
+    grads = x.new_empty(state.gradients, x.shape[1])
+    # the kernels' scratch (3·N·C + 3·C values): an allocation of its own, so that the gradients the parameters keep
+    # do not keep it alive
+    scratch = x.new_empty(3 * (x.shape[0] + 1) * x.shape[1])
+    state.backward(grad_y.data_ptr(), x.data_ptr(), *state.arguments, _pointer(grad_x), *_rows(grads),
+                   scratch.data_ptr(), torch.get_num_threads())
+    return grad_x, grads.unbind(0)
 
 
 def rbn_forward(x: torch.Tensor, eps: float, factor: float, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                centering_weight: torch.Tensor, scaling_weight: torch.Tensor, scaling_bias: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
-    """RBN's training forward: y, the batch's μ and biased σ² (of the calibrated input), and the backward's state."""
+                centering_weight: torch.Tensor, scaling_weight: torch.Tensor, scaling_bias: torch.Tensor,
+                running: Running | None = None) -> tuple[torch.Tensor, StepState]:
+    """RBN's training forward (updating ``running``, when given, with the calibrated input's μ and σ²): y and the
+    state from which :func:`backward` computes dx and the gradients of (γ, β, w_m, w_v, w_b)."""
     params = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0), centering_weight, scaling_weight,
                              scaling_bias)
-    return _calibrated_forward("rbn_forward", x, eps, factor, params)
-
-
-def rbn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor: float, weight: torch.Tensor | None,
-                 centering_weight: torch.Tensor, scaling_weight: torch.Tensor, input_grad: bool
-                 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
-    """dx (None unless ``input_grad``) and the gradients of (γ, β, w_m, w_v, w_b)."""
-    grad_y = _gradient_like(grad_y, x)
-    params = _checked_params(x, _or_fill(weight, x, 1.0), centering_weight, scaling_weight)
-    grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 5)
-    _function("rbn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
-                                        *[p.data_ptr() for p in params], factor,
-                                        *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
-    return grad_x, tuple(param_grads)
+    y, geometry, (mean_nc, _, sigmoid, scale, _), (mean, _, inv_std), buffers = _forward(
+        "rbn_forward", x, params, (eps, factor), 5, 3, running)
+    gamma, _, centering_weight, scaling_weight, _ = params
+    arguments = (*geometry, mean_nc, sigmoid, scale, mean, inv_std, gamma.data_ptr(), centering_weight.data_ptr(),
+                 scaling_weight.data_ptr(), factor)
+    return y, StepState(_function("rbn_backward", x.dtype), arguments, 5, (*buffers, *params))
 
 
 def iebn_forward(x: torch.Tensor, eps: float, factor: float, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                 instance_weight: torch.Tensor, instance_bias: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
-    """IEBN's training forward: y, the batch's μ and biased σ², and the backward's state."""
+                 instance_weight: torch.Tensor, instance_bias: torch.Tensor, running: Running | None = None
+                 ) -> tuple[torch.Tensor, StepState]:
+    """IEBN's training forward (updating ``running``, when given): y and the state from which :func:`backward`
+    computes dx and the gradients of (γ, β, γ̂, β̂)."""
     params = _checked_params(x, _or_fill(weight, x, 1.0), _or_fill(bias, x, 0.0), instance_weight, instance_bias)
-    return _calibrated_forward("iebn_forward", x, eps, factor, params)
-
-
-def iebn_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, factor: float,
-                  weight: torch.Tensor | None, instance_weight: torch.Tensor, input_grad: bool
-                  ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
-    """dx (None unless ``input_grad``) and the gradients of (γ, β, γ̂, β̂)."""
-    grad_y = _gradient_like(grad_y, x)
-    params = _checked_params(x, _or_fill(weight, x, 1.0), instance_weight)
-    grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 4)
-    _function("iebn_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
-                                         *[p.data_ptr() for p in params], factor,
-                                         *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
-    return grad_x, tuple(param_grads)
+    y, geometry, (mean_nc, _, sigmoid, scale, _), (mean, _, inv_std), buffers = _forward(
+        "iebn_forward", x, params, (eps, factor), 5, 3, running)
+    gamma, _, instance_weight, _ = params
+    arguments = (*geometry, mean_nc, sigmoid, scale, mean, inv_std, gamma.data_ptr(), instance_weight.data_ptr(),
+                 factor)
+    return y, StepState(_function("iebn_backward", x.dtype), arguments, 4, (*buffers, *params))
 
 
 def blend_forward(x: torch.Tensor, eps: float, prev_weight: float, prev_std: torch.Tensor | None,
-                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepState]:
-    """Blended σ's forward (σ_B alone where ``prev_std`` is 0, or everywhere when it is None): y, the batch's μ and
-    biased σ², and the backward's state."""
+                  bias: torch.Tensor | None, running: Running | None = None,
+                  next_prev_std: torch.Tensor | None = None) -> tuple[torch.Tensor, StepState]:
+    """Blended σ's forward (σ_B alone where ``prev_std`` is 0, or everywhere when it is None), updating ``running``
+    when given and writing this batch's σ_B into ``next_prev_std`` when given: y and the state from which
+    :func:`backward` computes dx and β's gradient, σ_prev held constant (the caller passes a ``prev_std`` that the
+    step does not overwrite)."""
     params = _checked_params(x, _or_fill(prev_std, x, 0.0), _or_fill(bias, x, 0.0))
-    planes = x.new_empty(2, x.shape[0], x.shape[1])  # m, v per plane
-    channels = x.new_empty(5, x.shape[1])  # μ, σ², σ_B, A, B' per channel
-    y = torch.empty_like(x)
-    mean_nc, var_nc = _rows(planes)
-    mean, var, batch_std, scale, shift = _rows(channels)
-    _function("blend_forward", x.dtype)(x.data_ptr(), *_geometry(x), *[p.data_ptr() for p in params], eps,
-                                         prev_weight, mean_nc, var_nc, mean, var, batch_std, scale, shift,
-                                         y.data_ptr(), torch.get_num_threads())
-    return y, channels[0], channels[1], StepState((mean_nc, mean, scale, batch_std), (planes, channels))
-
-
-def blend_backward(grad_y: torch.Tensor, x: torch.Tensor, state: StepState, prev_weight: float,
-                   prev_std: torch.Tensor | None, input_grad: bool) -> tuple[torch.Tensor | None, tuple[torch.Tensor]]:
-    """dx (None unless ``input_grad``) and β's gradient, σ_prev held constant."""
-    grad_y = _gradient_like(grad_y, x)
-    (prev_std,) = _checked_params(x, _or_fill(prev_std, x, 0.0))
-    grad_x, param_grads, scratch = _backward_buffers(x, input_grad, 1)
-    _function("blend_backward", x.dtype)(grad_y.data_ptr(), x.data_ptr(), *_geometry(x), *state.pointers,
-                                          prev_std.data_ptr(), prev_weight,
-                                          *map(_pointer, (grad_x, *param_grads, scratch)), torch.get_num_threads())
-    return grad_x, tuple(param_grads)
+    y, geometry, (mean_nc, _), (mean, _, batch_std, scale, _), buffers = _forward(
+        "blend_forward", x, params, (eps, prev_weight), 2, 5, running)
+    if next_prev_std is not None:
+        next_prev_std.copy_(buffers[1][2])
+    arguments = (*geometry, mean_nc, mean, scale, batch_std, params[0].data_ptr(), prev_weight)
+    return y, StepState(_function("blend_backward", x.dtype), arguments, 1, (*buffers, *params))

@@ -34,7 +34,15 @@ from torch import nn
 
 from . import native_kernels
 from .errors import BNInitValueError
-from .norm_kernels import PlaneAffineFunction, all_gather_moments, all_reduce_sum, plane, plane_affine, read_state
+from .norm_kernels import (
+    NativeStepFunction,
+    PlaneAffineFunction,
+    all_gather_moments,
+    all_reduce_sum,
+    plane,
+    plane_affine,
+    read_state,
+)
 
 __all__ = [
     "BatchNormVariant",
@@ -357,15 +365,19 @@ class _CalibratedBase(BatchNormVariant):
                 and native_kernels.usable(x))
 
     def _native_forward(self, x: torch.Tensor, *params: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """Optional, for speed (a built-in layer's C step): y, the batch's μ and biased σ², and what
-        :meth:`_native_backward` needs, computed as :meth:`_batch_coefficients` and ``x·A + B'`` would."""
+                        ) -> tuple[torch.Tensor, native_kernels.StepState]:
+        """Optional, for speed (a built-in layer's C step): y, computed as :meth:`_batch_coefficients` and
+        ``x·A + B'`` would, and the state from which :func:`~timm_bninit.native_kernels.backward` computes dx and
+        the gradients of :meth:`_calibration_params`; updates the layer's state as :meth:`_update_batch_state`
+        would (the running statistics in the C call, see :meth:`_native_running`)."""
         raise NotImplementedError
 
-    def _native_backward(self, saved: tuple, grad_y: torch.Tensor, x: torch.Tensor, input_grad: bool
-                         ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
-        """Optional, with :meth:`_native_forward`: dx (None unless ``input_grad``) and the parameters' gradients."""
-        raise NotImplementedError
+    def _native_running(self) -> native_kernels.Running | None:
+        """For :meth:`_native_forward`: the running statistics a training step updates and the update's weight
+        (counting the batch, as :meth:`_update_batch_state` does), or None when it updates none."""
+        if not (self.training and self.track_running_stats):
+            return None
+        return native_kernels.Running(self.running_mean, self.running_var, float(self._momentum_factor()))
 
     def uses_fused_backward(self) -> bool:
         """Whether training takes the hand-written backward (:class:`PlaneAffineFunction`) rather than autograd."""
@@ -387,7 +399,10 @@ class _CalibratedBase(BatchNormVariant):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_batch_stats():
             if self.uses_fused_backward():
-                y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *self._calibration_params())
+                params = self._calibration_params()
+                if self._native_step(x):  # the C step updates the running statistics itself
+                    return NativeStepFunction.apply(x, self, *params)
+                y, mean, var, unbiased_var = PlaneAffineFunction.apply(x, self, *params)
             else:
                 y, mean, var, unbiased_var = self._autograd_batch_forward(x)
             self._update_batch_state(mean, var, unbiased_var)
@@ -520,14 +535,8 @@ class _RBNBase(_CalibratedBase):
         return 1.0 / _sigmoid(self.scaling_bias_init) if self.identity_init else 1.0
 
     def _native_forward(self, x, *params):
-        params = _native_params(x.dtype, *params)
-        y, mean, var, state = native_kernels.rbn_forward(x, self.eps, self._calibration_factor, *params)
-        return y, mean, var, (state, params)
-
-    def _native_backward(self, saved, grad_y, x, input_grad):
-        state, (weight, _, centering_weight, scaling_weight, _) = saved
-        return native_kernels.rbn_backward(grad_y, x, state, self._calibration_factor, weight, centering_weight,
-                                           scaling_weight, input_grad)
+        return native_kernels.rbn_forward(x, self.eps, self._calibration_factor, *_native_params(x.dtype, *params),
+                                          running=self._native_running())
 
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
         # x_c = x + w_m·GAP(x) shifts each (n, c) plane by a constant: its within-plane variance is unchanged, so
@@ -629,14 +638,8 @@ class _IEBNBase(_CalibratedBase):
         return 1.0 / _sigmoid(self.instance_bias_init) if self.identity_init else 1.0
 
     def _native_forward(self, x, *params):
-        params = _native_params(x.dtype, *params)
-        y, mean, var, state = native_kernels.iebn_forward(x, self.eps, self._calibration_factor, *params)
-        return y, mean, var, (state, params)
-
-    def _native_backward(self, saved, grad_y, x, input_grad):
-        state, (weight, _, instance_weight, _) = saved
-        return native_kernels.iebn_backward(grad_y, x, state, self._calibration_factor, weight, instance_weight,
-                                            input_grad)
+        return native_kernels.iebn_forward(x, self.eps, self._calibration_factor, *_native_params(x.dtype, *params),
+                                           running=self._native_running())
 
     def _batch_coefficients(self, mean_nc, var_nc, plane_size, *params):
         moments = self._batch_mean_var(mean_nc, var_nc, plane_size)
@@ -739,15 +742,11 @@ class _BlendedStdBase(_CalibratedBase):
         return scale, self._affine_shift(beta, scale, mean), moments, (moments, batch_std, std_grad_factor, scale)
 
     def _native_forward(self, x, bias):
-        # σ_prev as this step reads it: a copy, since _update_batch_state overwrites the buffer before the backward
+        # σ_prev as this step reads it: a copy, since the step writes this batch's σ_B into the buffer
         prev_std = self.prev_std.to(x.dtype, copy=True) if self.training else None
-        (bias,) = _native_params(x.dtype, bias)
-        y, mean, var, state = native_kernels.blend_forward(x, self.eps, self.prev_std_weight, prev_std, bias)
-        return y, mean, var, (state, prev_std)
-
-    def _native_backward(self, saved, grad_y, x, input_grad):
-        state, prev_std = saved
-        return native_kernels.blend_backward(grad_y, x, state, self.prev_std_weight, prev_std, input_grad)
+        return native_kernels.blend_forward(x, self.eps, self.prev_std_weight, prev_std,
+                                            *_native_params(x.dtype, bias), running=self._native_running(),
+                                            next_prev_std=self.prev_std if self.training else None)
 
     def _batchnorm_backward_coefficients(self, saved: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ', 1/σ') with which BN's own training-mode backward is this layer's input gradient, so that the kernels

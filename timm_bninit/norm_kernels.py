@@ -5,7 +5,8 @@ The calibrating layers never materialise the normalised tensor: they need only t
 variance v of the input, from which the whole layer reduces to ``y = (x − m)·A[n, c] + B[n, c]`` with small (N, C)
 tensors A and B. In training, :class:`PlaneAffineFunction` computes this with as many full passes over the
 activation as BN's own kernels, and a closed-form backward for the small (N, C) part, which the layer supplies
-(``_batch_coefficients`` / ``_batch_coefficients_backward``).
+(``_batch_coefficients`` / ``_batch_coefficients_backward``). A built-in layer's step on a float CPU batch runs
+in the C kernels of :mod:`timm_bninit.native_kernels` instead, through :class:`NativeStepFunction`.
 
 Also here: the cross-process reductions of synchronised layers (:func:`all_gather_moments` in forward,
 :func:`all_reduce_sum` in backward), and :func:`read_state`, which keeps a compiled backward from re-reading a buffer
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch.autograd.function import once_differentiable
+
+from . import native_kernels
 
 __all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
            "plane_moments", "read_state"]
@@ -223,12 +226,7 @@ class PlaneAffineFunction(torch.autograd.Function):
         values = [None if p is None else p.detach() for p in params]  # plain tensors: no Parameter dispatch
         ctx.save_for_backward(x)
         ctx.layer, ctx.param_dtypes = layer, [None if p is None else p.dtype for p in params]
-        ctx.native = layer._native_step(x)
-        if ctx.native:  # the whole step in the C kernels of native_kernels
-            y, mean, var, ctx.saved = layer._native_forward(x, *values)
-            count = x.shape[0] * x.shape[2] * x.shape[3]
-        else:
-            y, mean, var, count = _closed_form_forward(ctx, x, layer, values)
+        y, mean, var, count = _closed_form_forward(ctx, x, layer, values)
         # the running-statistics update's inputs, returned rather than applied here: the Function has no side
         # effects, and the layer updates its state in its own forward, where nn.BatchNorm2d does
         unbiased_var = var * (count / max(count - 1, 1))
@@ -239,15 +237,43 @@ class PlaneAffineFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor, *_statistics_grads: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        if ctx.native:
-            grad_x, param_grads = ctx.layer._native_backward(ctx.saved, grad_y, x, ctx.needs_input_grad[0])
-        elif ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
+        if ctx.batchnorm_backward is not None and grad_y.dtype == x.dtype and _kernel_layout(grad_y, x) is not None:
             grad_x, param_grads = _batchnorm_step_backward(ctx, grad_y, x)
         else:
             grad_x, param_grads = _closed_form_backward(ctx, grad_y, x)
-        param_grads = [(grad if grad.dtype == dtype else grad.to(dtype)) if needed else None
-                       for grad, dtype, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
-        return (grad_x, None, *param_grads)
+        return (grad_x, None, *_parameter_grads(ctx, param_grads))
+
+
+class NativeStepFunction(torch.autograd.Function):
+    """A calibrated layer's training step in the C kernels of :mod:`~timm_bninit.native_kernels`: the forward is the
+    layer's ``_native_forward`` (one C call, which also updates the running statistics in place, as BN's kernels
+    do), the backward one more C call. The same results as :class:`PlaneAffineFunction`, for what the C kernels take
+    (a float32/float64 CPU batch in NCHW or channels_last, local statistics, eager).
+
+    Why a Function of its own: a step at ResNet-50's 7×7 stage takes about as long as BN's, so the fixed cost of
+    every tensor op and of every Function output weighs; this one returns y alone and makes no tensor op beyond the
+    buffers the kernels fill (benchmarks/HISTORY.md, "Less Python per step").
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Any, *params: torch.Tensor | None) -> torch.Tensor:
+        y, ctx.state = layer._native_forward(x, *params)
+        ctx.save_for_backward(x)
+        ctx.param_dtypes = [None if p is None else p.dtype for p in params]
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_x, param_grads = native_kernels.backward(grad_y, x, ctx.state, ctx.needs_input_grad[0])
+        return (grad_x, None, *_parameter_grads(ctx, param_grads))
+
+
+def _parameter_grads(ctx: Any, grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+    """The parameters' gradients in their own dtypes, None for those that need none (or are None)."""
+    return [(grad if grad.dtype == dtype else grad.to(dtype)) if needed else None
+            for grad, dtype, needed in zip(grads, ctx.param_dtypes, ctx.needs_input_grad[2:])]
 
 
 def _closed_form_forward(ctx: Any, x: torch.Tensor, layer: Any, values: list[torch.Tensor | None]

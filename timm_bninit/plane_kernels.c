@@ -3,8 +3,9 @@
  *
  * Built at first use by native_kernels.py (plain C99, no Python or torch header: about a second to compile) and
  * called through ctypes on the tensors' data pointers; the Python side checks device, dtype and layout first. Each
- * layer has a forward in one call and a backward in one call (RBN's and IEBN's sigmoid uses the branch-free
- * exponential below, which the compiler vectorises, as torch's own sigmoid is). Why: the same steps as separate
+ * layer has a forward in one call, which also updates the running statistics in place as BN's kernels do, and a
+ * backward in one call (RBN's and IEBN's sigmoid uses the branch-free exponential below, which the compiler
+ * vectorises, as torch's own sigmoid is). Why: the same steps as separate
  * tensor ops take dozens of dispatches of small (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to
  * 1.7× BN's time on channels_last batches (benchmarks/HISTORY.md).
  *
@@ -86,7 +87,7 @@ static int64_t channel_range(int64_t channels, int threads) {
              once_ = 0)
 
 /* lets the loader check that it opened the library it built */
-int plane_kernels_version(void) { return 6; }
+int plane_kernels_version(void) { return 7; }
 
 /* e^t without branches or calls, so that a loop of them vectorises: e^t = 2^n·e^r with n = round(t/ln 2) (added to
  * and taken from 1.5·2^52, or 1.5·2^23, which rounds to an integer and leaves n in the low bits), r = t − n·ln 2 with
@@ -422,6 +423,26 @@ INLINE void NAME(input_grad_coefficients)(int64_t samples, int64_t channels, int
     for (int64_t c = 0; c < channels; ++c) grad_var[c] *= (T)2 * inv_rows;
 }
 
+/* nn.BatchNorm2d's running-statistics update, in place: r ← r + w·(b − r) for the batch's μ and its unbiased σ²
+ * (σ²·n/(n − 1), n values per channel), with torch.lerp's formula (the other form when w ≥ 0.5); running_mean NULL:
+ * no update (evaluation, track_running_stats=False, or buffers the caller updates itself) */
+INLINE void NAME(running_update_range)(const T* restrict mean, const T* restrict var, int64_t count, T momentum,
+                                              int64_t j0, int64_t j1, T* restrict running_mean,
+                                              T* restrict running_var) {
+    if (!running_mean) return;
+    T ratio = (T)((double)count / (double)(count > 1 ? count - 1 : 1)), rest = (T)1 - momentum;
+    for (int64_t j = j0; j < j1; ++j) {
+        T unbiased = var[j] * ratio;
+        if (momentum < (T)0.5) {
+            running_mean[j] = running_mean[j] + momentum * (mean[j] - running_mean[j]);
+            running_var[j] = running_var[j] + momentum * (unbiased - running_var[j]);
+        } else {
+            running_mean[j] = mean[j] - (mean[j] - running_mean[j]) * rest;
+            running_var[j] = unbiased - (unbiased - running_var[j]) * rest;
+        }
+    }
+}
+
 /* ---- RBN (_RBNBase): y = γ·s·x̂ + β, x̂ normalises x + w_m·GAP(x), s = k·σ(w_v·GAP(x̂) + w_b) ------------------ */
 /* The math of each step runs in a *_range function over channels [j0, j1), whose `restrict` parameters tell the
  * compiler that no two arrays overlap (an OpenMP loop body alone loses that, and stays scalar). */
@@ -466,15 +487,17 @@ INLINE void NAME(calibrated_affine_range)(const T* restrict mean_nc, const T* re
     }
 }
 
-/* forward: m, v of every plane; μ, σ², r and s = σ(z); A, B' per plane; y = x·A + B' */
+/* forward: m, v of every plane; μ, σ², r and s = σ(z); the running statistics; A, B' per plane; y = x·A + B' */
 TARGETS void NAME(rbn_forward)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
                                const T* weight, const T* bias, const T* centering_weight, const T* scaling_weight,
                                const T* scaling_bias, T eps, T factor, T* mean_nc, T* var_nc, T* sigmoid, T* scale,
-                               T* shift, T* mean, T* var, T* inv_std, T* y, int threads) {
+                               T* shift, T* mean, T* var, T* inv_std, T* y, T* running_mean, T* running_var,
+                               T momentum, int threads) {
     NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
     FOR_EACH_CHANNEL_RANGE(channels, threads) {
         NAME(rbn_sigmoid_range)(mean_nc, var_nc, centering_weight, scaling_weight, scaling_bias, eps, samples,
                                 channels, j0, j1, mean, var, inv_std, sigmoid);
+        NAME(running_update_range)(mean, var, samples * rows, momentum, j0, j1, running_mean, running_var);
         NAME(calibrated_affine_range)(mean_nc, sigmoid, mean, inv_std, weight, bias, centering_weight, factor,
                                       samples, channels, j0, j1, scale, shift);
     }
@@ -571,15 +594,18 @@ INLINE void NAME(statistics_range)(const T* restrict mean_nc, const T* restrict 
     for (int64_t j = j0; j < j1; ++j) inv_std[j] = (T)1 / NAME(square_root)(var[j] + eps);
 }
 
-/* forward: m, v of every plane; s = σ(γ̂·m + β̂); μ, σ², r; A = (k·s)·(γ·r), B' = β − A·μ per plane; y = x·A + B' */
+/* forward: m, v of every plane; s = σ(γ̂·m + β̂); μ, σ², r; the running statistics; A = (k·s)·(γ·r),
+ * B' = β − A·μ per plane; y = x·A + B' */
 TARGETS void NAME(iebn_forward)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
                                 const T* weight, const T* bias, const T* instance_weight, const T* instance_bias,
                                 T eps, T factor, T* mean_nc, T* var_nc, T* sigmoid, T* scale, T* shift, T* mean,
-                                T* var, T* inv_std, T* y, int threads) {
+                                T* var, T* inv_std, T* y, T* running_mean, T* running_var, T momentum,
+                                int threads) {
     NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
     FOR_EACH_CHANNEL_RANGE(channels, threads) {
         NAME(iebn_sigmoid_range)(mean_nc, instance_weight, instance_bias, samples, channels, j0, j1, sigmoid);
         NAME(statistics_range)(mean_nc, var_nc, eps, samples, channels, j0, j1, mean, var, inv_std);
+        NAME(running_update_range)(mean, var, samples * rows, momentum, j0, j1, running_mean, running_var);
         NAME(calibrated_affine_range)(mean_nc, sigmoid, mean, inv_std, weight, bias, 0, factor, samples, channels,
                                       j0, j1, scale, shift);
     }
@@ -667,15 +693,17 @@ INLINE void NAME(blend_range)(const T* restrict mean_nc, const T* restrict var_n
     }
 }
 
-/* forward: m, v of every plane, μ, σ², σ_B = sqrt(σ² + ε), A = 1/σ and B' = β − A·μ per channel, and y = x·A + B'
- * (prev_std all 0: σ = σ_B, as in evaluation with batch statistics) */
+/* forward: m, v of every plane, μ, σ², σ_B = sqrt(σ² + ε), A = 1/σ and B' = β − A·μ per channel, the running
+ * statistics, and y = x·A + B' (prev_std all 0: σ = σ_B, as in evaluation with batch statistics) */
 TARGETS void NAME(blend_forward)(const T* x, int layout, int64_t samples, int64_t rows, int64_t channels,
                                  const T* prev_std, const T* bias, T eps, T prev_weight, T* mean_nc, T* var_nc,
-                                 T* mean, T* var, T* batch_std, T* scale, T* shift, T* y, int threads) {
+                                 T* mean, T* var, T* batch_std, T* scale, T* shift, T* y, T* running_mean,
+                                 T* running_var, T momentum, int threads) {
     NAME(moments)(x, layout, samples, rows, channels, mean_nc, var_nc, threads);
     FOR_EACH_CHANNEL_RANGE(channels, threads) {
         NAME(blend_range)(mean_nc, var_nc, prev_std, bias, eps, prev_weight, samples, channels, j0, j1, mean, var,
                           batch_std, scale, shift);
+        NAME(running_update_range)(mean, var, samples * rows, momentum, j0, j1, running_mean, running_var);
     }
     NAME(affine)(x, layout, samples, rows, channels, scale, 0, shift, 0, y, threads);
 }
