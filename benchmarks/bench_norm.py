@@ -12,10 +12,14 @@ them alike. A second ``nn.BatchNorm2d`` instance is timed as a control: its rati
 γ-init variants (which run BN's own kernel) should sit within it.
 
 Time is the calling thread's CPU time when torch runs one thread (time the scheduler gives other processes is not
-counted: the machines this runs on are shared), wall time otherwise. Before timing, one 30 MiB tensor is allocated
-and freed, which raises glibc's mmap threshold as any training process does once it frees a large tensor: without
-it, whether an activation-sized output is fresh, page-faulted memory (≈ 4 µs per 4 KiB page here, more than BN's
-whole forward at the 7×7 stage) depends on which candidate ran before, not on the candidate.
+counted: the machines this runs on are shared), wall time otherwise. Before timing, the script tells glibc's
+allocator to keep the memory it frees in the process (``mallopt``: no mmap'd blocks, no trimming), as a GPU's
+caching allocator does: by default glibc hands a freed 25-51 MB activation back to the OS, and the next step's
+output or input gradient is fresh memory that faults in page by page (≈ 2 µs per 4 KiB page here; 25,000 faults and
+about 55 ms of kernel time in every 88 ms BN step at the 56×56 stage, as many for every layer), and at 28×28 it
+faulted in some steps and not others, depending on what ran before, not on the candidate. ``--system-allocator``
+times with glibc's defaults (where ``mallopt`` is missing, e.g. not glibc, the script says so and frees one 30 MiB
+block first instead, which keeps the smaller stages' buffers in the heap).
 
 RBN and IEBN are also compared with a straightforward implementation of the same formulas, written below the way the
 official code does it but out of place (calibrate x → ``F.batch_norm`` without affine → GAP → sigmoid → multiply).
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
 import importlib
 import inspect
@@ -230,12 +235,26 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, clo
     return clock() - start
 
 
-def settle_allocator() -> None:
-    """Free one 30 MiB block first: glibc then serves allocations below that size (every activation here but the
-    51 MB one of the 56×56 stage) from its heap, reused, as in any process that has freed a large tensor, instead of
-    from fresh page-faulted mmaps whose cost depends on which candidate ran before (see the module docstring)."""
+def settle_allocator(keep_freed_memory: bool) -> str:
+    """Make the timed steps reuse memory instead of page-faulting fresh memory in (see the module docstring); returns
+    what was done, for the header.
+
+    With ``keep_freed_memory`` and glibc: no allocation is served by its own mmap and the heap is never trimmed, so
+    after the warm-up rounds every buffer comes from memory the process already holds. Otherwise one freed 30 MiB
+    block raises glibc's mmap threshold, as in any process that has freed a large tensor: allocations below it (every
+    activation here but the 51 MB one at 56×56) then come from the heap, which glibc may still trim."""
+    if keep_freed_memory:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            mallopt = None
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        if mallopt is not None and mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1:
+            return "allocator: freed memory kept in the process (glibc mallopt: no mmap'd blocks, no trimming)"
     block = torch.empty(30 << 20, dtype=torch.uint8)
     del block
+    return ("allocator: system defaults" if not keep_freed_memory
+            else "allocator: mallopt unavailable, system defaults") + " after one freed 30 MiB block"
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -484,6 +503,9 @@ def parse_args() -> argparse.Namespace:
                         help="registered layers to time: 'kinds' (one per kind, default), 'all', or names (rbn,iebn)")
     parser.add_argument("--clock", choices=("auto", "thread", "wall"), default="auto",
                         help="thread CPU time or wall time; auto: thread time with one torch thread, else wall")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="time with glibc's default allocator settings (freed activations go back to the OS and "
+                             "fault in again)")
     parser.add_argument("--quick", action="store_true", help="smoke run: B = 4, 5 rounds, 1 warm-up round")
     parser.add_argument("--compiled", action="store_true",
                         help="instead: time a training step of a small conv net, eager vs torch.compile")
@@ -538,8 +560,8 @@ def main() -> None:
           f"{clock} time")
     print(f"B = {args.batch}; {args.repeats} timed rounds (+{args.warmup} warm-up) per shape and memory format, "
           f"shuffled order; load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(settle_allocator(not args.system_allocator))
     print(f"variants: {', '.join(c.name for c in candidates if c.judged)}", flush=True)
-    settle_allocator()
     results = {}
     for format_name in args.formats.split(","):
         print(f"{format_name}:", flush=True)
