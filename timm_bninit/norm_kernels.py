@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 
 from . import native_kernels
 
-__all__ = ["PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane", "plane_affine", "plane_grad_sums",
-           "plane_moments", "read_state"]
+__all__ = ["NativeStepFunction", "PlaneAffineFunction", "all_gather_moments", "all_reduce_sum", "plane",
+           "plane_affine", "plane_grad_sums", "plane_moments", "read_state"]
 
 # Per-(sample, channel) plane kernels. On CPU, BN's own kernels do the activation-sized work, run so that each BN
 # "channel" is one (sample, channel) plane: for an NCHW-contiguous input on the (1, N·C, H, W) view of the whole batch
