@@ -16,10 +16,10 @@ counted: the machines this runs on are shared), wall time otherwise. Before timi
 allocator to keep the memory it frees in the process (``mallopt``: no mmap'd blocks, no trimming), as a GPU's
 caching allocator does: by default glibc hands a freed 25-51 MB activation back to the OS, and the next step's
 output or input gradient is fresh memory that faults in page by page (≈ 2 µs per 4 KiB page here; 25,000 faults and
-about 55 ms of kernel time in every 88 ms BN step at the 56×56 stage, as many for every layer), and at 28×28 it
-faulted in some steps and not others, depending on what ran before, not on the candidate. ``--system-allocator``
-times with glibc's defaults (where ``mallopt`` is missing, e.g. not glibc, the script says so and frees one 30 MiB
-block first instead, which keeps the smaller stages' buffers in the heap).
+about 53 ms of kernel time in every 81 ms BN step at the 56×56 stage, as many for every layer; HISTORY.md, "Less
+Python per step"), and at 28×28 it faulted in some steps and not others, depending on what ran before, not on the
+candidate. ``--system-allocator`` times with glibc's defaults (where ``mallopt`` is missing, e.g. not glibc, the
+script says so and frees one 30 MiB block first instead, which keeps the smaller stages' buffers in the heap).
 
 RBN and IEBN are also compared with a straightforward implementation of the same formulas, written below the way the
 official code does it but out of place (calibrate x → ``F.batch_norm`` without affine → GAP → sigmoid → multiply).
