@@ -73,7 +73,7 @@ def kernels(request, monkeypatch) -> str:
     with BN's stock kernels and the closed form (the path without a compiler, under torch.compile and with
     synchronised statistics)."""
     if request.param == "stock":
-        monkeypatch.setattr(native_kernels, "usable", lambda x: False)
+        monkeypatch.setattr(native_kernels, "usable", lambda x, *running: False)
     elif native_kernels.library() is None:
         if any(shutil.which(name) for name in ("cc", "gcc", "clang")):
             pytest.fail("a C compiler is installed but the plane kernels did not build (see the warning)")
@@ -406,17 +406,18 @@ def test_backward_twice_with_retain_graph(kind):
 @pytest.mark.parametrize("buffers", [torch.float64, torch.float32], ids=["same_dtype", "float32_buffers"])
 @pytest.mark.parametrize("momentum", [0.3, 0.8, None], ids=["small", "large", "cumulative"])
 @pytest.mark.parametrize("kind", ["rbn", "iebn", "blend"])
-def test_running_statistics_update_as_batchnorm_defines_it(kind, momentum, buffers):
+def test_running_statistics_update_as_batchnorm_defines_it(kind, momentum, buffers, kernels):
     """Two training steps on float64 batches: each running statistic is r ← (1 − w)·r + w·b with b the batch's mean
     and unbiased variance (of x + w_m·GAP(x) for RBN) and w the momentum, or 1/n for the cumulative average. The C
     step updates buffers of the batch's dtype itself (torch.lerp's two formulas switch at w = 0.5, so 0.8 takes the
-    other); buffers of another dtype (a float32 layer fed float64) are updated outside the call."""
+    other); with buffers of another dtype (a float32 layer fed float64) the step takes the Python closed form."""
     layer = make(kind, momentum=momentum)
     if buffers != torch.float64:
         layer.running_mean, layer.running_var = (b.to(buffers) for b in (layer.running_mean, layer.running_var))
     want_mean, want_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
     for step, seed in enumerate((16, 17), start=1):
         x = laid_out(make_input(seed, n=4), "samples")
+        assert layer._native_step(x) == (kernels == "native" and buffers == x.dtype)
         layer(x)
         if kind == "rbn":
             x = x + layer.centering_weight.detach().reshape(1, -1, 1, 1) * x.mean(dim=(2, 3), keepdim=True)

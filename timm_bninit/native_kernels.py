@@ -174,10 +174,12 @@ class StepState(NamedTuple):
     buffers: tuple[torch.Tensor, ...]
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the steps here run on ``x`` (the caller checks that it is not compiling)."""
+def usable(x: torch.Tensor, *running: torch.Tensor | None) -> bool:
+    """Whether the steps here run on ``x`` and update the ``running`` statistics buffers given (None: none), which
+    the forward call writes in place: x's dtype, contiguous. (The caller checks that it is not compiling.)"""
     return (x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 4
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and all(r is None or (r.dtype == x.dtype and r.is_contiguous()) for r in running)
             and library() is not None)
 
 
@@ -235,25 +237,18 @@ def _or_fill(param: torch.Tensor | None, x: torch.Tensor, value: float) -> torch
 def _forward(name: str, x: torch.Tensor, params: tuple[torch.Tensor, ...], scalars: tuple[float, float],
              plane_rows: int, channel_rows: int, running: Running | None
              ) -> tuple[torch.Tensor, tuple[int, int, int, int], list[int], list[int], tuple[torch.Tensor, ...]]:
-    """One forward call: y, the geometry, the data pointers of the per-plane and per-channel rows the C function
-    wrote (μ and σ² first among the latter) and the buffers that hold them. The running statistics are updated in the
-    call when they are x's dtype and contiguous, else here from the batch's μ and σ² (e.g. a float32 layer fed
-    float64)."""
+    """One forward call, which also updates ``running`` in place (its buffers in x's dtype, see :func:`usable`): y,
+    the geometry, the data pointers of the per-plane and per-channel rows the C function wrote and the buffers that
+    hold them."""
     geometry = _geometry(x)
-    _, batch, plane_size, channels = geometry
+    _, batch, _, channels = geometry
     planes, per_channel = x.new_empty(plane_rows, batch, channels), x.new_empty(channel_rows, channels)
     y = torch.empty_like(x)
-    in_call = running is not None and all(r.dtype == x.dtype and r.is_contiguous() and r.numel() == channels
-                                          for r in (running.mean, running.var))
+    buffers = (None, None) if running is None else _checked_params(x, running.mean, running.var)
     plane_pointers, channel_pointers = _rows(planes), _rows(per_channel)
     _function(name, x.dtype)(x.data_ptr(), *geometry, *[p.data_ptr() for p in params], *scalars, *plane_pointers,
-                             *channel_pointers, y.data_ptr(), running.mean.data_ptr() if in_call else None,
-                             running.var.data_ptr() if in_call else None, running.momentum if in_call else 0.0,
-                             torch.get_num_threads())
-    if running is not None and not in_call:
-        count = batch * plane_size
-        running.mean.lerp_(per_channel[0].to(running.mean.dtype), running.momentum)
-        running.var.lerp_((per_channel[1] * (count / max(count - 1, 1))).to(running.var.dtype), running.momentum)
+                             *channel_pointers, y.data_ptr(), *map(_pointer, buffers),
+                             0.0 if running is None else running.momentum, torch.get_num_threads())
     return y, geometry, plane_pointers, channel_pointers, (planes, per_channel)
 
 

@@ -359,10 +359,10 @@ class _CalibratedBase(BatchNormVariant):
     def _native_step(self, x: torch.Tensor) -> bool:
         """Whether this training step runs in the C kernels (:mod:`~timm_bninit.native_kernels`): the class's
         coefficient methods are those the kernels compute, the statistics are local, and ``x`` is a float CPU tensor
-        in NCHW or channels_last, eager. Otherwise :class:`~timm_bninit.norm_kernels.PlaneAffineFunction` runs the
-        Python closed form, with the same results."""
+        in NCHW or channels_last, eager, with running statistics (if any) in its dtype. Otherwise
+        :class:`~timm_bninit.norm_kernels.PlaneAffineFunction` runs the Python closed form, with the same results."""
         return (self._native_matches_forward and not torch.compiler.is_compiling() and self._sync_group() is None
-                and native_kernels.usable(x))
+                and native_kernels.usable(x, self.running_mean, self.running_var))
 
     def _native_forward(self, x: torch.Tensor, *params: torch.Tensor | None
                         ) -> tuple[torch.Tensor, native_kernels.StepState]:

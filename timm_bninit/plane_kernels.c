@@ -5,9 +5,9 @@
  * called through ctypes on the tensors' data pointers; the Python side checks device, dtype and layout first. Each
  * layer has a forward in one call, which also updates the running statistics in place as BN's kernels do, and a
  * backward in one call (RBN's and IEBN's sigmoid uses the branch-free exponential below, which the compiler
- * vectorises, as torch's own sigmoid is). Why: the same steps as separate
- * tensor ops take dozens of dispatches of small (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to
- * 1.7× BN's time on channels_last batches (benchmarks/HISTORY.md).
+ * vectorises, as torch's own sigmoid is). Why: the same steps as separate tensor ops take dozens of dispatches of small
+ * (N, C) ops and an extra pass over the activation, which made RBN and IEBN up to 1.7× BN's time on channels_last
+ * batches (benchmarks/HISTORY.md).
  *
  * A layer is y = x·A + B' with per-plane (n, c) or per-channel A and B' computed from the plane means m and biased
  * variances v; the coefficient math follows the Python closed forms of norm.py (_RBNBase, _IEBNBase, _BlendedStdBase
