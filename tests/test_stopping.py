@@ -133,6 +133,23 @@ def test_an_ignored_sigint_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_launched_rank_that_is_leaving_ignores_the_launchers_sigterm():
+    # torchrun sends SIGTERM to the ranks still running once one exits with a code other than 0; a rank that has its
+    # own exit code must leave with it, not be killed mid-exit (the 2-process stop test in test_distributed.py)
+    previous, interrupt = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with stop_on_signals():
+            stopping.leaving(launched=False)  # one process, nobody else's SIGTERM to expect: nothing changes
+        assert signal.getsignal(signal.SIGTERM) == previous
+        with stop_on_signals():
+            stopping.leaving(launched=True)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the block did not put the old handler back
+        os.kill(os.getpid(), signal.SIGTERM)  # and the process is still here
+        assert signal.getsignal(signal.SIGINT) == interrupt  # Ctrl-C acts as it did before the block
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_parallel_sweeps_shared_stop_reaches_its_runs(monkeypatch):
     shared = SimpleNamespace(value=0)  # a multiprocessing.Value in a sweep's worker
     monkeypatch.setattr(stopping, "_SWEEP_STOP", shared)

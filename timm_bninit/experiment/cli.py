@@ -20,7 +20,7 @@ from ..errors import BNInitError
 from .distributed import is_main_process, launched_world_size, shared_run_dir
 from .layout import ERROR_FILE, FINAL_FILE, RunError, default_run_dir, is_diverged
 from .recipe import RecipeError, apply_overrides, check_config, keys_text, list_recipes, load_recipe
-from .stopping import DIVERGED_EXIT_CODE, RunInterrupted, interrupted_exit_code, stop_on_signals
+from .stopping import DIVERGED_EXIT_CODE, RunInterrupted, interrupted_exit_code, leaving, stop_on_signals
 from .train import run_finetune
 
 # compare.py's and study.py's modules (report, power, sweep, study) are imported where those commands start: at the
@@ -35,11 +35,14 @@ def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         try:
-            return main(argv)
+            code = main(argv)
         except BNInitError as error:
             if is_main_process():  # every rank of an N-process job runs the same checks: say it once
                 print(f"error: {error}", file=sys.stderr)
-            return 2
+            code = 2
+        if code:
+            leaving(launched_world_size() > 1)  # a launcher's SIGTERM must not cut this rank's exit short
+        return code
 
     return wrapper
 
@@ -57,6 +60,7 @@ def _command(script: str, argv: list[str] | None, extra: Sequence[str] = ()) -> 
 
 def _stopped(stop: RunInterrupted, command: str) -> int:
     """Say (once) what a signal stopped and the command that resumes it; the exit code 128 + signal."""
+    leaving(launched_world_size() > 1)  # before the stop's block ends: no moment left for the launcher's SIGTERM
     if is_main_process():
         print(f"{stop}; resume with: {command}", file=sys.stderr)
     return interrupted_exit_code(stop.signum)

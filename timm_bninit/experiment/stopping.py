@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["CHECK_EVERY", "DIVERGED_EXIT_CODE", "RunDiverged", "RunInterrupted", "StopRequest", "StepChecks",
+__all__ = ["CHECK_EVERY", "DIVERGED_EXIT_CODE", "RunDiverged", "RunInterrupted", "StopRequest", "StepChecks", "leaving",
            "stop_on_signals", "stop_requested", "follow_sweep", "interrupted_exit_code"]
 
 CHECK_EVERY = 8          # training steps between two reads of the loss buffer and the stop request
@@ -106,7 +106,8 @@ _ACTIVE: StopRequest | None = None
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """SIGTERM and SIGINT ask whatever runs inside this block to stop; the previous handlers come back after it.
+    """SIGTERM and SIGINT ask whatever runs inside this block to stop; the previous handlers come back after it (a
+    handler that code inside the block replaced, as :func:`leaving` does, stays as that code set it).
 
     Nested blocks share the outermost request, so a command line, its sweep and the runs the sweep starts in its own
     process answer one signal. Only the main thread can install handlers: in another thread the request is set by
@@ -131,7 +132,17 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         _ACTIVE = None
         for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: installed outside Python
+            if signal.getsignal(signum) == request._handle:  # one that code in the block set stays (see leaving)
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: installed outside Python
+
+
+def leaving(launched: bool) -> None:
+    """This process has its exit code and only leaves now: under a launcher (``launched``), SIGTERM is ignored from
+    here on. torchrun sends it to the ranks still running once one has exited with a code other than 0 (a stop's 143,
+    a divergence's 3), and a rank a little slower to leave would be killed by it mid-exit (torchrun reports -15, not
+    the code it chose)."""
+    if launched and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def stop_requested() -> int | None:
