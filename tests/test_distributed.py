@@ -38,8 +38,9 @@ def recipe(tmp_path_factory) -> Path:
     return path
 
 
-def _launch(recipe: Path, run_dir: Path, *extra: str, processes: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _launch(recipe: Path, run_dir: Path, *extra: str, processes: int = 1, path: tuple[Path, ...] = ()
+            ) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, (*path, ROOT)))}
     env.pop("WORLD_SIZE", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(free_port())] if processes > 1 else [sys.executable]
@@ -173,8 +174,19 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> in
     raise AssertionError(f"torchrun {launcher.pid} started no rank {rank}")
 
 
+def _slow_to_leave(directory: Path, rank: int, seconds: float) -> Path:
+    """A folder whose sitecustomize makes worker ``rank`` of a torchrun job take ``seconds`` longer to exit."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(f"import atexit, os, time\nif os.environ.get('RANK') == '{rank}':\n"
+                                                f"    atexit.register(time.sleep, {seconds})\n")
+    return directory
+
+
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_to_the_same_result(recipe, whole, tmp_path):
-    stopped = _launch(recipe, tmp_path / "stopped", *CHANGES, processes=2)
+    # rank 1 leaves 1.5 s after rank 0, so it is still leaving when torchrun, having seen rank 0 exit with 143, sends
+    # it SIGTERM: it must leave with its own 143 all the same (by chance, once, it was killed by that SIGTERM in CI)
+    stopped = _launch(recipe, tmp_path / "stopped", *CHANGES, processes=2,
+                      path=(_slow_to_leave(tmp_path / "slow", rank=1, seconds=1.5),))
     state = tmp_path / "stopped" / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 300
     while not state.is_file() and time.time() < deadline:
