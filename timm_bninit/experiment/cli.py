@@ -30,7 +30,8 @@ __all__ = ["compare_main", "export_main", "finetune_main", "study_dirs", "study_
 
 
 def _one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
-    """Print a project error as ``error: <message>`` (one line) and return 2."""
+    """Print a project error as ``error: <message>`` (one line) and return 2; with any exit code but 0, a process
+    started by a launcher ignores SIGTERM while it leaves (:func:`~.stopping.leaving`)."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
